@@ -1,0 +1,1 @@
+"""GTA-Seg: semi-supervised semantic segmentation with a Gentle Teaching Assistant."""
