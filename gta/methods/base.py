@@ -1,0 +1,70 @@
+"""The contract between a method and the engine.
+
+A method owns its networks and the algorithm; the engine owns everything else (devices, precision,
+optimisers, schedules, data, evaluation, logging, checkpoints). The engine hands ``training_step`` an
+``update`` callback: ``update(name, loss)`` back-propagates ``loss`` and steps the optimiser of the
+model ``name``, so the method decides *when* each model learns (Algorithm 1 interleaves steps and EMA
+updates) while the engine decides *how* a step is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Update = Callable[[str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is: the global iteration (0-based) and the schedule it belongs to."""
+
+    iteration: int
+    iters_per_epoch: int
+    total_iters: int
+
+    @property
+    def epoch(self) -> int:
+        return self.iteration // self.iters_per_epoch
+
+
+@dataclass
+class Batch:
+    """A labeled batch (x_l, y_l) and, for semi-supervised methods, an unlabeled batch x_u.
+
+    ``unlabeled_mask`` holds the ignore index where x_u is crop padding and 0 elsewhere: it carries no
+    ground truth, only which pixels are real image.
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    unlabeled: torch.Tensor | None = None
+    unlabeled_mask: torch.Tensor | None = None
+
+
+class Method(nn.Module):
+    """Base class: the networks are submodules, so ``state_dict`` holds every model of the method."""
+
+    #: the model whose validation mIoU is the method's result (``val/miou``)
+    reported: str = "teacher"
+    #: whether the engine must load unlabeled images at all
+    uses_unlabeled: bool = True
+
+    def trained_models(self) -> dict[str, nn.Module]:
+        """The models that have an optimiser, by name (the names ``update`` accepts)."""
+        raise NotImplementedError
+
+    def evaluated_models(self) -> dict[str, nn.Module]:
+        """The models evaluated on the validation set, by name (``val/<name>/miou``)."""
+        raise NotImplementedError
+
+    def scheduled(self, name: str) -> bool:
+        """Whether the learning-rate schedule applies to model ``name``'s optimiser."""
+        return True
+
+    def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, torch.Tensor]:
+        """One iteration; returns the scalars worth logging (detached)."""
+        raise NotImplementedError

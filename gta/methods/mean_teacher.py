@@ -1,0 +1,61 @@
+"""Mean Teacher: the teacher (EMA of the student) pseudo-labels x_u; the student learns L_l + μ L_u."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gta.methods.base import Batch, Method, Progress, Update
+from gta.methods.ema import EMA, ema_model_
+from gta.methods.pseudo_label import teacher_targets, weighted_cross_entropy
+
+
+class MeanTeacher(Method):
+    def __init__(
+        self,
+        model: Callable[[], nn.Module],
+        ema: EMA,
+        reweight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        ignore_index: int = 255,
+        drop: float = 0.2,
+        unsup_weight: float = 1.0,
+        warmup_epochs: int = 1,
+        cutmix_prob: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.student = model()
+        self.teacher = model()
+        self.teacher.requires_grad_(False)
+        self.ema, self.reweight = ema, reweight
+        self.ignore_index, self.drop, self.unsup_weight = ignore_index, drop, unsup_weight
+        self.warmup_epochs, self.cutmix_prob = warmup_epochs, cutmix_prob
+
+    def trained_models(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def evaluated_models(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher, "student": self.student}
+
+    def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, torch.Tensor]:
+        self.student.train()
+        if progress.epoch < self.warmup_epochs:
+            loss_l = F.cross_entropy(self.student(batch.image), batch.mask, ignore_index=self.ignore_index)
+            update("student", loss_l)
+            return {"loss_l": loss_l.detach()}
+
+        k = progress.iteration - self.warmup_epochs * progress.iters_per_epoch
+        targets = teacher_targets(
+            self.teacher, batch.unlabeled, batch.unlabeled_mask, drop=self.drop, reweight=self.reweight,
+            cutmix_prob=self.cutmix_prob, ignore_index=self.ignore_index,
+        )
+        # One forward over x_l and x_u together, so BatchNorm sees both, as in the usual Mean Teacher.
+        logits = self.student(torch.cat([batch.image, targets.image]))
+        logits_l, logits_u = logits.split([batch.image.shape[0], targets.image.shape[0]])
+        loss_l = F.cross_entropy(logits_l, batch.mask, ignore_index=self.ignore_index)
+        loss_u = weighted_cross_entropy(logits_u, targets, self.ignore_index)
+        update("student", loss_l + self.unsup_weight * loss_u)
+        ema_model_(self.teacher, self.student, self.ema.decay(k))
+        return {"loss_l": loss_l.detach(), "loss_u": loss_u.detach(), "kept": targets.keep.float().mean()}

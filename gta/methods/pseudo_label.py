@@ -1,0 +1,91 @@
+"""Pseudo-labels from the teacher: confidence threshold, re-weighting and the weighted loss (Eqs. 6-7)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gta.methods.cutmix import cutmix
+
+
+@dataclass
+class PseudoLabels:
+    """Targets for an unlabeled batch: ŷ (ignore index where dropped) and the pixel weights w."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    weight: torch.Tensor
+    confidence: torch.Tensor
+    keep: torch.Tensor
+
+
+@torch.no_grad()
+def predict(teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher in eval mode: confidence c = max_k softmax and pseudo-label ŷ = argmax_k, per pixel."""
+    teacher.eval()
+    probs = teacher(images).float().softmax(dim=1)
+    confidence, label = probs.max(dim=1)
+    return confidence, label
+
+
+def keep_confident(confidence: torch.Tensor, valid: torch.Tensor, drop: float) -> torch.Tensor:
+    """Drop the least confident fraction ``drop`` of the batch's valid pixels.
+
+    The threshold γ is the ``drop``-quantile of c over the valid pixels (the k-th smallest value,
+    k = floor(drop * n)); pixels with c <= γ are dropped, so ties at γ are dropped together.
+    """
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"method.drop must lie in [0, 1), got {drop}")
+    values = confidence[valid]
+    k = int(drop * values.numel())
+    if k == 0:
+        return valid.clone()
+    gamma = values.kthvalue(k).values
+    return valid & (confidence > gamma)
+
+
+def make_targets(
+    image: torch.Tensor,
+    confidence: torch.Tensor,
+    label: torch.Tensor,
+    valid: torch.Tensor,
+    drop: float,
+    reweight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ignore_index: int,
+) -> PseudoLabels:
+    """Threshold (step 2) and re-weight (step 3, Eq. 6) the teacher's predictions."""
+    keep = keep_confident(confidence, valid, drop)
+    weight = reweight(confidence, keep)
+    label = torch.where(keep, label, torch.full_like(label, ignore_index))
+    return PseudoLabels(image=image, label=label, weight=weight, confidence=confidence, keep=keep)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, targets: PseudoLabels, ignore_index: int) -> torch.Tensor:
+    """Eq. 7: Σ w·CE over kept pixels / number of kept pixels (0 when every pixel was dropped)."""
+    ce = F.cross_entropy(logits.float(), targets.label, ignore_index=ignore_index, reduction="none")
+    return (targets.weight * ce).sum() / targets.keep.sum().clamp_min(1)
+
+
+def teacher_targets(
+    teacher: nn.Module,
+    unlabeled: torch.Tensor,
+    padding: torch.Tensor,
+    *,
+    drop: float,
+    reweight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    cutmix_prob: float,
+    ignore_index: int,
+) -> PseudoLabels:
+    """Steps 1-3 of Algorithm 1 on an unlabeled batch.
+
+    The teacher labels the un-mixed images; CutMix then mixes images, pseudo-labels, confidences and
+    the padding mask with the same boxes, and the threshold and weights are computed on the result.
+    """
+    confidence, label = predict(teacher, unlabeled)
+    valid = padding != ignore_index
+    image, confidence, label, valid = cutmix([unlabeled, confidence, label, valid], cutmix_prob)
+    return make_targets(image, confidence, label, valid, drop, reweight, ignore_index)

@@ -1,0 +1,22 @@
+"""A tiny network with the Segmenter's f / g interface, so algorithm tests run in milliseconds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinySegmenter(nn.Module):
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.head = nn.Conv2d(6, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def feature_extractor_parameters(self) -> list[nn.Parameter]:
+        return list(self.features.parameters())
+
+    def mask_predictor_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
