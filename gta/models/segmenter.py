@@ -1,0 +1,100 @@
+"""A segmentation network split into the paper's feature extractor f and mask predictor g."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Segmenter(nn.Module):
+    """A segmentation-models-pytorch network with an explicit f / g partition.
+
+    ``mask_predictor`` lists the module-name prefixes that form g (default: the classifier,
+    ``segmentation_head``); every other parameter belongs to the feature extractor f. Inputs whose
+    sides are not multiples of the network's stride (the paper's 513 and 769 crops) are padded and
+    the logits cropped back, so any image size works.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "DeepLabV3Plus",
+        encoder_name: str = "resnet101",
+        encoder_weights: str | None = None,
+        weights_path: str | None = None,
+        output_stride: int = 16,
+        decoder_channels: int = 256,
+        mask_predictor: Sequence[str] = ("segmentation_head",),
+    ) -> None:
+        super().__init__()
+        kwargs = {"encoder_output_stride": output_stride, "decoder_channels": decoder_channels}
+        self.net = smp.create_model(
+            arch, encoder_name=encoder_name, encoder_weights=encoder_weights, classes=num_classes, **kwargs
+        )
+        if weights_path is not None:
+            self._load_encoder_weights(Path(weights_path))
+        self.num_classes = num_classes
+        self.arch = arch
+        self.encoder_name = encoder_name
+        # The encoder downsamples by 32 at most; the decoder fuses a 1/4 feature map with upsampled
+        # deeper ones, so inputs must be multiples of the deepest reduction.
+        self.size_divisor = 32
+        names = {name for name, _ in self.net.named_parameters()}
+        self.mask_predictor_prefixes = tuple(mask_predictor)
+        for prefix in self.mask_predictor_prefixes:
+            if not any(_under(name, prefix) for name in names):
+                raise ValueError(
+                    f"model.mask_predictor entry '{prefix}' matches no parameter of {arch}/{encoder_name}; "
+                    f"top-level modules are {sorted({n.split('.')[0] for n in names})}"
+                )
+
+    def _load_encoder_weights(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"model.weights_path: no file at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        missing, unexpected = self.net.encoder.load_state_dict(state, strict=False)
+        if len(missing) == len(self.net.encoder.state_dict()):
+            raise ValueError(
+                f"model.weights_path {path}: no tensor matches the {self.encoder_name} encoder "
+                f"(first unexpected keys: {unexpected[:5]})"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        d = self.size_divisor
+        pad_h, pad_w = (-h) % d, (-w) % d
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.net(x)[..., :h, :w]
+
+    def _named(self, in_mask_predictor: bool) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.net.named_parameters():
+            if any(_under(name, pre) for pre in self.mask_predictor_prefixes) == in_mask_predictor:
+                yield name, p
+
+    def feature_extractor_parameters(self) -> list[nn.Parameter]:
+        """f: every parameter outside the mask predictor."""
+        return [p for _, p in self._named(False)]
+
+    def mask_predictor_parameters(self) -> list[nn.Parameter]:
+        """g: the parameters under ``mask_predictor``."""
+        return [p for _, p in self._named(True)]
+
+    def param_groups(self, decoder_lr_mult: float) -> list[dict]:
+        """The recipe's two learning rates: the (pretrained) encoder at the optimiser's lr, the rest
+        (decoder and classifier, trained from scratch) ``decoder_lr_mult`` times higher."""
+        encoder = [p for n, p in self.net.named_parameters() if _under(n, "encoder")]
+        rest = [p for n, p in self.net.named_parameters() if not _under(n, "encoder")]
+        return [
+            {"params": encoder, "lr_mult": 1.0, "name": "encoder"},
+            {"params": rest, "lr_mult": decoder_lr_mult, "name": "decoder"},
+        ]
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
