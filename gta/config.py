@@ -1,0 +1,215 @@
+"""The typed schema behind the Hydra config tree.
+
+Every group option's YAML file starts from one of these dataclasses (``defaults: [schema_<name>]``), so
+an unknown key or a value of the wrong type fails when the config is composed, naming the key. The
+``_target_`` of each node is the class or function it builds: the Python code never keeps a table of
+names to classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+#: The checkout that holds the package and conf/: default home of data and the MLflow store.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+# --- dataset ---------------------------------------------------------------------------------------
+@dataclass
+class DatasetConfig:
+    _target_: str = MISSING
+    root: str = MISSING
+    num_classes: int = MISSING
+    ignore_index: int = 255
+    class_names: list[str] | None = None
+    palette: list[list[int]] | None = None
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    crop_size: int = 513
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    _target_: str = "gta.data.SyntheticShapes"
+    num_labeled_pool: int = 200
+    num_unlabeled: int = 300
+    num_val: int = 100
+    image_size: int = 64
+    seed: int = 0
+
+
+# --- model -----------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    _target_: str = "gta.models.Segmenter"
+    num_classes: int = "${dataset.num_classes}"  # type: ignore[assignment]
+    arch: str = "DeepLabV3Plus"
+    encoder_name: str = "resnet101"
+    encoder_weights: str | None = None
+    weights_path: str | None = None
+    output_stride: int = 16
+    decoder_channels: int = 256
+    #: module-name prefixes that form the mask predictor g; every other parameter is the feature extractor f
+    mask_predictor: list[str] = field(default_factory=lambda: ["segmentation_head"])
+
+
+# --- method ----------------------------------------------------------------------------------------
+@dataclass
+class SupOnlyConfig:
+    _target_: str = "gta.methods.SupOnly"
+    ignore_index: int = "${dataset.ignore_index}"  # type: ignore[assignment]
+
+
+@dataclass
+class MeanTeacherConfig(SupOnlyConfig):
+    _target_: str = "gta.methods.MeanTeacher"
+    ema: Any = "${ema}"
+    reweight: Any = "${reweight}"
+    #: fraction of the least confident unlabeled pixels dropped per batch
+    drop: float = 0.2
+    #: μ, the weight of the unsupervised loss
+    unsup_weight: float = 1.0
+    warmup_epochs: int = 1
+    cutmix_prob: float = 0.5
+
+
+@dataclass
+class GTAConfig(MeanTeacherConfig):
+    _target_: str = "gta.methods.GTASeg"
+    #: what the student receives from the assistant by EMA: "feature_extractor" (the paper) or "all"
+    transmit: str = "feature_extractor"
+
+
+# --- ema / reweight / optimizer --------------------------------------------------------------------
+@dataclass
+class EMAConfig:
+    _target_: str = "gta.methods.ema.EMA"
+    alpha: float = 0.99
+    ramp: bool = True
+
+
+@dataclass
+class UniformReweightConfig:
+    _target_: str = "gta.methods.reweight.Uniform"
+
+
+@dataclass
+class ConfidenceReweightConfig:
+    _target_: str = "gta.methods.reweight.Confidence"
+    tau: float = 1.0
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    _partial_: bool = True
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+
+
+# --- logger ----------------------------------------------------------------------------------------
+@dataclass
+class NoLoggerConfig:
+    _target_: str = "gta.tracking.NullLogger"
+
+
+@dataclass
+class MLflowConfig:
+    _target_: str = "gta.tracking.mlflow.MLflowLogger"
+    #: null: a sqlite store in the project directory (see README)
+    tracking_uri: str | None = None
+    experiment_name: str = "gta"
+    #: null: named after the method, dataset, split and seed
+    run_name: str | None = None
+    #: where metrics that could not be sent are written (null: the run directory)
+    fallback_dir: str | None = None
+
+
+# --- engine ----------------------------------------------------------------------------------------
+@dataclass
+class TrainerConfig:
+    #: an epoch is one pass over the unlabeled set
+    epochs: int = 80
+    #: total iterations; overrides ``epochs`` when set
+    iters: int | None = None
+    #: evaluate every N iterations (0: only at the end)
+    eval_every: int = 0
+    log_every: int = 20
+    #: learning-rate multiplier of everything but the encoder (decoder and classifier)
+    decoder_lr_mult: float = 10.0
+    #: poly schedule: lr = lr0 * (1 - t/T) ** power
+    poly_power: float = 0.9
+
+
+@dataclass
+class DataConfig:
+    #: labeled images per iteration, and as many unlabeled ones
+    batch_size: int = 3
+    num_workers: int = 2
+    #: validation images per forward; keep 1 when validation images differ in size
+    val_batch_size: int = 1
+    split_seed: int = 0
+    #: a directory with labeled.txt / unlabeled.txt that fixes the split exactly
+    split_dir: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    _target_: str = "gta.engine.evaluate.EvalProtocol"
+    mode: str = "whole"
+    crop_size: int = 513
+    stride: int = 513
+
+
+@dataclass
+class TrainConfig:
+    dataset: Any = MISSING
+    #: number of labeled images drawn from the dataset's labeled pool, or "all"
+    split: Any = "all"
+    model: ModelConfig = MISSING
+    method: Any = MISSING
+    ema: EMAConfig = MISSING
+    reweight: Any = MISSING
+    optimizer: SGDConfig = MISSING
+    logger: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    #: "auto" (CUDA when available), "cpu" or "cuda"
+    device: str = "auto"
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {"synthetic": SyntheticConfig},
+    "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig},
+    "reweight": {"uniform": UniformReweightConfig, "confidence": ConfidenceReweightConfig},
+    "logger": {"none": NoLoggerConfig, "mlflow": MLflowConfig},
+}
+
+
+def register_configs() -> None:
+    """Store the schemas where the YAML files' defaults lists find them (``schema_<name>``).
+
+    Groups with a single shape (model, ema, optimizer) are typed by ``TrainConfig`` itself; groups whose
+    options differ in shape (dataset, method, reweight, logger) name their schema in each YAML file."""
+    if not OmegaConf.has_resolver("gta_root"):
+        OmegaConf.register_new_resolver("gta_root", lambda: str(PROJECT_ROOT))
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=f"schema_{name}", node=node)

@@ -1,0 +1,292 @@
+"""Labeled/unlabeled split selection and DataLoader construction."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+
+from .sampler import EpochSampler, derive_seed
+from .source import Sample, SegmentationFiles, SegmentationSource
+from .transforms import eval_transform, train_transform
+
+__all__ = ["Loaders", "SplitData", "build_loaders", "select_split", "write_split"]
+
+_LABELED_STREAM, _UNLABELED_STREAM = 0, 1
+
+
+@dataclass
+class SplitData:
+    labeled: list[Sample]
+    unlabeled: list[Sample]
+    val: list[Sample]
+
+
+def _parse_split(split: int | str) -> int | None:
+    """``None`` for "all", else the number of labeled images."""
+    if isinstance(split, str):
+        text = split.strip()
+        if text.lower() == "all":
+            return None
+        if text.lstrip("+-").isdigit():
+            return int(text)
+    elif isinstance(split, (int, np.integer)) and not isinstance(split, bool):
+        return int(split)
+    raise ValueError(f"split must be a number of labeled images or 'all', got {split!r}")
+
+
+def _unique_ids(pools: dict[str, list[Sample]], root: Path) -> None:
+    counts = Counter(s.id for pool in pools.values() for s in pool)
+    duplicates = [i for i, n in counts.items() if n > 1]
+    if duplicates:
+        raise ValueError(f"Dataset at {root} has duplicate sample ids: {sorted(duplicates)[:5]}")
+
+
+def _read_entries(path: Path) -> list[str]:
+    """One entry per line; only the first column is used, so two-column "image mask" lists also work."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Split file {path} does not exist")
+    entries = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(entries))  # drop repeats, keep order
+
+
+def _lookup(samples: list[Sample], root: Path) -> dict[str, Sample]:
+    """Index samples by id and by image path relative to the dataset root."""
+    table = {}
+    for sample in samples:
+        table[sample.id] = sample
+        try:
+            table[Path(sample.image).relative_to(root).as_posix()] = sample
+        except ValueError:
+            pass  # image outside root: reachable by id only
+    return table
+
+
+def _split_from_dir(source: SegmentationSource, pools: dict[str, list[Sample]], split_dir: Path) -> SplitData:
+    table = _lookup(pools["labeled"] + pools.get("unlabeled", []), source.root)
+    val_table = _lookup(pools["val"], source.root)
+    chosen: dict[str, list[Sample]] = {}
+    for name in ("labeled", "unlabeled"):
+        path = split_dir / f"{name}.txt"
+        chosen[name] = []
+        for entry in _read_entries(path):
+            key = entry.removeprefix("./").lstrip("/")
+            if key not in table:
+                where = " (it is a validation sample)" if key in val_table else ""
+                raise ValueError(
+                    f"Entry {entry!r} in {path} matches no sample id or image path of the dataset at "
+                    f"{source.root}{where}"
+                )
+            chosen[name].append(table[key])
+    overlap = {s.id for s in chosen["labeled"]} & {s.id for s in chosen["unlabeled"]}
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} samples are both labeled and unlabeled in {split_dir}: {sorted(overlap)[:5]}"
+        )
+    return SplitData(chosen["labeled"], chosen["unlabeled"], list(pools["val"]))
+
+
+def select_split(
+    source: SegmentationSource, split: int | str, split_seed: int = 0, split_dir: str | Path | None = None
+) -> SplitData:
+    """Choose the labeled subset and the unlabeled set.
+
+    ``split`` is a number N of labeled images drawn (with ``split_seed``) from the labeled pool, the rest of
+    which joins the unlabeled set, or "all". With ``split_dir`` (containing ``labeled.txt`` and
+    ``unlabeled.txt``) those lists are used exactly; ``split`` must then be "all" or match their length.
+    """
+    count = _parse_split(split)
+    pools = source.pools()
+    _unique_ids(pools, source.root)
+    if split_dir is not None:
+        result = _split_from_dir(source, pools, Path(split_dir))
+        if count is not None and count != len(result.labeled):
+            raise ValueError(
+                f"split={split} but {Path(split_dir) / 'labeled.txt'} lists {len(result.labeled)} labeled "
+                "samples; set split to that number or 'all'"
+            )
+    else:
+        # Sort first: the draw must not depend on the order the file system listed the files in.
+        pool = sorted(pools["labeled"], key=lambda s: s.id)
+        extra = sorted(pools.get("unlabeled", []), key=lambda s: s.id)
+        if count is None:
+            count = len(pool)
+        if not 0 < count <= len(pool):
+            raise ValueError(
+                f"split={count} is not possible: the labeled pool of the dataset at {source.root} has "
+                f"{len(pool)} samples (choose 1..{len(pool)} or 'all')"
+            )
+        picked = set(random.Random(split_seed).sample(range(len(pool)), count))
+        labeled = [s for i, s in enumerate(pool) if i in picked]
+        unlabeled = [s for i, s in enumerate(pool) if i not in picked] + extra
+        result = SplitData(labeled, unlabeled, list(pools["val"]))
+    missing_masks = [s.id for s in result.labeled if s.mask is None]
+    if missing_masks:
+        raise ValueError(f"Labeled samples without a mask in {source.root}: {missing_masks[:5]}")
+    return result
+
+
+def write_split(split: SplitData, directory: str | Path) -> list[Path]:
+    """Write ``labeled.txt``, ``unlabeled.txt`` and ``val.txt`` (one id per line); the first two can be
+    fed back as ``split_dir``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in ("labeled", "unlabeled", "val"):
+        path = directory / f"{name}.txt"
+        path.write_text("".join(f"{s.id}\n" for s in getattr(split, name)))
+        paths.append(path)
+    return paths
+
+
+@dataclass
+class Loaders:
+    labeled: DataLoader
+    unlabeled: DataLoader | None
+    val: DataLoader
+    iters_per_epoch: int
+
+
+class _EpochState:
+    """(epoch, start) in shared memory, written by the sampler and read by dataset copies in workers."""
+
+    def __init__(self) -> None:
+        self.tensor = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def get(self) -> tuple[int, int]:
+        epoch, start = self.tensor.tolist()
+        return epoch, start
+
+
+class _TrackedEpochSampler(EpochSampler):
+    def __init__(self, *args, state: _EpochState, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._state = state
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch, start)
+        self._state.tensor.copy_(torch.tensor([epoch, start]))
+
+
+class _EpochSeeded(Dataset):
+    """Reseeds augmentation randomness whenever the epoch (or resume offset) changes.
+
+    Persistent workers would otherwise carry their RNG state over from earlier epochs, so epoch e's
+    augmentations would depend on the run's history and a resumed run could not reproduce them. Here they
+    depend only on ``(seed, epoch, start, worker id)``. In the main process (``num_workers=0``) a private
+    RNG state is swapped in around each item so the training process's global RNG is left untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, state: _EpochState) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.state = state
+        self._key: tuple[int, ...] | None = None
+        self._rng_state: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        worker = get_worker_info()
+        key = (*self.state.get(), 0 if worker is None else worker.id + 1)
+        if key != self._key:
+            self._key = key
+            seed = derive_seed(self.seed, *key)
+            if worker is None:
+                self._rng_state = torch.Generator().manual_seed(seed).get_state()
+            else:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+        if worker is not None:
+            return self.dataset[index]
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self._rng_state)
+        try:
+            return self.dataset[index]
+        finally:
+            self._rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def build_loaders(
+    source: SegmentationSource,
+    split: SplitData,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    need_unlabeled: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    val_batch_size: int = 1,
+) -> Loaders:
+    """Training loaders for the labeled and unlabeled streams plus a validation loader.
+
+    An epoch is one pass over the unlabeled set (the labeled set if there is none); the labeled stream is
+    repeated/reshuffled to the same number of iterations. Call ``loader.sampler.set_epoch(epoch, start)``
+    on both training loaders before each epoch.
+    """
+    if not split.labeled:
+        raise ValueError("The split has no labeled samples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    epoch_set = split.unlabeled or split.labeled
+    iters_per_epoch = math.ceil(len(epoch_set) / (batch_size * world_size))
+    augment = train_transform(
+        source.crop_size, source.scale_range, source.mean, source.std, source.ignore_index, source.flip
+    )
+    common = {
+        "num_workers": num_workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": num_workers > 0,
+    }
+
+    def train_loader(samples: list[Sample], stream: int, with_mask: bool) -> DataLoader:
+        files = SegmentationFiles(
+            samples, augment, source.num_classes, source.ignore_index, source.label_lut, with_mask=with_mask
+        )
+        state = _EpochState()
+        # The order must be identical on all ranks (they take strided shares), so its seed ignores rank;
+        # augmentation must differ per rank, so that seed includes it.
+        sampler = _TrackedEpochSampler(
+            len(samples),
+            iters_per_epoch * batch_size,
+            derive_seed(seed, stream),
+            rank,
+            world_size,
+            state=state,
+        )
+        return DataLoader(
+            _EpochSeeded(files, derive_seed(seed, stream, rank), state),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            # A private generator, so creating iterators does not consume the global RNG.
+            generator=torch.Generator().manual_seed(derive_seed(seed, stream, rank, 1)),
+            **common,
+        )
+
+    if need_unlabeled and not split.unlabeled:
+        raise ValueError(
+            f"The method needs unlabeled images but the split of {source.root} has none "
+            f"({len(split.labeled)} labeled); use a smaller split or a dataset with an unlabeled pool"
+        )
+    labeled = train_loader(split.labeled, _LABELED_STREAM, with_mask=True)
+    unlabeled = train_loader(split.unlabeled, _UNLABELED_STREAM, with_mask=False) if need_unlabeled else None
+
+    val: Dataset = SegmentationFiles(
+        split.val, eval_transform(source.mean, source.std), source.num_classes, source.ignore_index,
+        source.label_lut,
+    )  # fmt: skip
+    if world_size > 1:  # disjoint shares without the duplicates a DistributedSampler pads with
+        val = Subset(val, range(rank, len(val), world_size))
+    val_loader = DataLoader(val, batch_size=val_batch_size, shuffle=False, **common)
+    return Loaders(labeled, unlabeled, val_loader, iters_per_epoch)

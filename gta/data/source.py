@@ -1,0 +1,202 @@
+"""Dataset sources: where samples live and how their files are read.
+
+A :class:`SegmentationSource` describes one dataset (metadata plus pools of samples); it does not load
+anything itself. :class:`SegmentationFiles` turns a list of samples into a torch ``Dataset`` and validates
+every file as it is read, so a broken dataset fails with a message naming the file instead of a cryptic
+error deep inside the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+__all__ = ["Sample", "SegmentationFiles", "SegmentationSource", "voc_palette"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and (optionally) its ground-truth mask."""
+
+    id: str  # unique, stable id (used in split files and logs)
+    image: Path
+    mask: Path | None  # None for images that have no ground truth
+
+
+def voc_palette(num_colors: int) -> list[list[int]]:
+    """The PASCAL VOC bit-interleaved palette: distinct, deterministic colours for any number of classes."""
+    palette = []
+    for index in range(num_colors):
+        rgb = [0, 0, 0]
+        code = index
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((code >> channel) & 1) << bit
+            code >>= 3
+        palette.append(rgb)
+    return palette
+
+
+class SegmentationSource:
+    """What a dataset config builds: metadata + the three pools of samples.
+
+    Subclasses (VOC, Cityscapes, folder, synthetic) only implement :meth:`pools`, and optionally set
+    ``label_lut`` to remap raw mask values (e.g. Cityscapes label ids to train ids).
+    """
+
+    label_lut: np.ndarray | None = None  # optional 256-entry uint8 lookup applied to raw mask values on load
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_classes: int,
+        ignore_index: int = 255,
+        class_names: list[str] | None = None,
+        palette: list[list[int]] | None = None,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        crop_size: int = 513,
+        scale_range: Sequence[float] = (0.5, 2.0),
+        flip: bool = True,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(
+                f"ignore_index={ignore_index} collides with a class index (0..{num_classes - 1})"
+            )
+        class_names = (
+            list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+        )
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}")
+        palette = [list(c) for c in palette] if palette is not None else voc_palette(num_classes)
+        if len(palette) < num_classes or any(len(c) != 3 for c in palette):
+            raise ValueError(f"palette needs {num_classes} RGB triplets, got {palette}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
+        if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+
+        self.root = Path(root).expanduser()
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = class_names
+        self.palette = palette
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.crop_size = crop_size
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.flip = flip
+
+    def pools(self) -> dict[str, list[Sample]]:
+        """``{'labeled': pool labeled subsets are drawn from, 'unlabeled': images that are only ever
+        unlabeled (may be empty), 'val': validation samples (with masks)}``"""
+        raise NotImplementedError(f"{type(self).__name__} must implement pools()")
+
+    def check_root(self, expected_layout: str) -> Path:
+        """Return ``root``, or raise a FileNotFoundError that says what should be there."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"Dataset root {self.root} does not exist (or is not a directory). "
+                f"Expected layout:\n{expected_layout}"
+            )
+        return self.root
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, num_classes={self.num_classes})"
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """Open and fully decode an image, turning every decoder failure into a ValueError naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError) as err:  # PIL reports corrupt data with all three
+        raise ValueError(f"Cannot read {what} file {path}: {err}") from err
+
+
+class SegmentationFiles(Dataset):
+    """Loads ``(image, mask)`` pairs from disk, validates them and applies a joint transform.
+
+    Returns a float image tensor ``3xHxW`` and an int64 mask ``HxW``. With ``with_mask=False`` (unlabeled
+    use) the ground truth is never read: the mask is all zeros, so after the transform the only
+    ``ignore_index`` pixels are crop padding, which tells the method which pixels are not real.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        num_classes: int,
+        ignore_index: int,
+        label_lut: np.ndarray | None = None,
+        with_mask: bool = True,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.with_mask = with_mask
+        if label_lut is not None:
+            label_lut = np.asarray(label_lut)
+            if label_lut.shape != (256,) or not np.array_equal(label_lut, label_lut.astype(np.uint8)):
+                raise ValueError("label_lut must be 256 values in 0..255 (one per raw mask value)")
+            label_lut = label_lut.astype(np.uint8)
+        self.label_lut = label_lut
+        if with_mask:
+            missing = [s.id for s in self.samples if s.mask is None]
+            if missing:
+                raise ValueError(f"{len(missing)} samples have no mask but masks are required: {missing[:5]}")
+        # Everything outside [0, num_classes) except ignore_index is an invalid raw label.
+        self._invalid = np.ones(256, dtype=bool)
+        self._invalid[:num_classes] = False
+        if 0 <= ignore_index < 256:
+            self._invalid[ignore_index] = False
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.samples[index]
+        image = _open(sample.image, "image").convert("RGB")
+        if self.with_mask:
+            mask = self._load_mask(sample, image.size)
+        else:
+            mask = np.zeros((image.height, image.width), dtype=np.uint8)
+        image = tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+        image, mask = self.transform(image, tv_tensors.Mask(torch.from_numpy(mask)))
+        # Plain tensors downstream: tv_tensor subclasses only matter to the transforms.
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+
+    def _load_mask(self, sample: Sample, image_size: tuple[int, int]) -> np.ndarray:
+        mask = _open(sample.mask, "mask")
+        if mask.mode not in ("L", "P"):
+            raise ValueError(
+                f"Mask {sample.mask} has mode {mask.mode!r}; expected a single-channel class-index PNG "
+                "(mode 'L' or 'P')"
+            )
+        if mask.size != image_size:
+            raise ValueError(
+                f"Mask {sample.mask} is {mask.size[0]}x{mask.size[1]} but image {sample.image} is "
+                f"{image_size[0]}x{image_size[1]}"
+            )
+        values = np.array(mask, dtype=np.uint8)  # mode P reads as palette indices, i.e. class ids
+        if self.label_lut is not None:
+            values = self.label_lut[values]
+        present = np.bincount(values.ravel(), minlength=256) > 0
+        bad = np.flatnonzero(present & self._invalid)
+        if bad.size:
+            raise ValueError(
+                f"Mask {sample.mask} contains values {bad.tolist()} outside the accepted range "
+                f"[0, {self.num_classes}) + ignore_index {self.ignore_index}"
+            )
+        return values

@@ -1,0 +1,79 @@
+"""Joint image/mask augmentation built on ``torchvision.transforms.v2``.
+
+Images are ``tv_tensors.Image`` and masks ``tv_tensors.Mask``, so every geometric transform is applied to
+both with the right interpolation and fill, and the randomness (drawn from torch's RNG) is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+__all__ = ["RandomRescale", "eval_transform", "train_transform"]
+
+
+class RandomRescale(v2.Transform):
+    """Rescale image and mask by one factor drawn uniformly from ``scale_range``.
+
+    Images use bilinear (antialiased) interpolation and masks nearest-exact, which samples at the same
+    pixel centres as bilinear does, so labels stay aligned with the image. (Plain "nearest" is shifted by
+    up to half a pixel.)
+    """
+
+    def __init__(self, scale_range: Sequence[float] = (0.5, 2.0)) -> None:
+        super().__init__()
+        low, high = (float(v) for v in scale_range)
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+        self.scale_range = (low, high)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        low, high = self.scale_range
+        factor = low + (high - low) * torch.rand(()).item()
+        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return F.resize(inpt, params["size"], interpolation=InterpolationMode.NEAREST_EXACT)
+        return F.resize(inpt, params["size"], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def _to_float_and_normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    return [
+        # Only images are scaled to [0, 1]; masks keep their class ids and become int64.
+        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ]
+
+
+def train_transform(
+    crop_size: int | Sequence[int],
+    scale_range: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    ignore_index: int,
+    flip: bool = True,
+) -> v2.Compose:
+    """Random rescale, horizontal flip and a ``crop_size`` crop; images smaller than the crop are padded
+    with black pixels labelled ``ignore_index`` so the padding never counts as a class."""
+    steps: list[v2.Transform] = [RandomRescale(scale_range)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(
+        v2.RandomCrop(
+            crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
+        )
+    )
+    return v2.Compose(steps + _to_float_and_normalize(mean, std))
+
+
+def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """No geometric change (evaluation is on full images): dtype conversion and normalisation only."""
+    return v2.Compose(_to_float_and_normalize(mean, std))

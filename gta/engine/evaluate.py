@@ -1,0 +1,99 @@
+"""Validation: whole-image, center-crop or sliding-window inference, and IoU from a confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+MODES = ("whole", "center_crop", "sliding")
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How a validation image is fed to the network (ALGORITHM.md §4: VOC center crop, Cityscapes sliding)."""
+
+    mode: str = "whole"
+    crop_size: int = 513
+    stride: int = 513
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"eval.mode must be one of {MODES}, got '{self.mode}'")
+        if self.stride <= 0 or self.crop_size <= 0:
+            raise ValueError(f"eval.crop_size and eval.stride must be positive, got {self.crop_size}, {self.stride}")
+
+
+def center_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    h, w = image.shape[-2:]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return image[..., top : top + size, left : left + size], mask[..., top : top + size, left : left + size]
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+def sliding_logits(model: nn.Module, image: torch.Tensor, window: int, stride: int, num_classes: int) -> torch.Tensor:
+    """Average the logits of overlapping ``window``-sized crops; windows are clipped to the image."""
+    b, _, h, w = image.shape
+    logits = image.new_zeros(b, num_classes, h, w)
+    counts = image.new_zeros(1, 1, h, w)
+    for top in _starts(h, window, stride):
+        for left in _starts(w, window, stride):
+            crop = image[..., top : top + window, left : left + window]
+            logits[..., top : top + window, left : left + window] += model(crop).float()
+            counts[..., top : top + window, left : left + window] += 1
+    return logits / counts
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, image: torch.Tensor, protocol: EvalProtocol, num_classes: int) -> torch.Tensor:
+    if protocol.mode == "sliding":
+        return sliding_logits(model, image, protocol.crop_size, protocol.stride, num_classes)
+    return model(image).float()
+
+
+@torch.no_grad()
+def confusion_matrices(
+    models: dict[str, nn.Module],
+    batches: Iterable[Sequence[torch.Tensor]],
+    num_classes: int,
+    ignore_index: int,
+    protocol: EvalProtocol,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """One pass over the validation data, every model on every image; rows are truth, columns prediction."""
+    meters = {
+        name: MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False).to(device)
+        for name in models
+    }
+    for model in models.values():
+        model.eval()
+    for image, mask in batches:
+        image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        if protocol.mode == "center_crop":
+            image, mask = center_crop(image, mask, protocol.crop_size)
+        for name, model in models.items():
+            pred = predict_logits(model, image, protocol, num_classes).argmax(dim=1)
+            meters[name].update(pred, mask)
+    return {name: meter.compute() for name, meter in meters.items()}
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU = TP / (TP + FP + FN); NaN for a class absent from both truth and prediction."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+
+
+def miou(confusion: torch.Tensor) -> float:
+    return float(iou_from_confusion(confusion).nanmean())
+

@@ -1,0 +1,77 @@
+"""The ``train`` command: build every part from the config, train, evaluate, log, summarise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gta.data import build_loaders, select_split, write_split
+from gta.engine.runtime import ensure_writable, resolve_device, seed_everything
+from gta.engine.trainer import Trainer
+from gta.tracking import flatten_config
+
+
+def output_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+
+
+def parse_split(split) -> int | str:
+    if isinstance(split, int) or (isinstance(split, str) and split.isdigit()):
+        return int(split)
+    if split == "all":
+        return "all"
+    raise ValueError(f"split must be a number of labeled images or 'all', got '{split}'")
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
+    run_dir = ensure_writable(Path(run_dir or output_dir()))
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    source = instantiate(cfg.dataset)
+    split = select_split(source, parse_split(cfg.split), cfg.data.split_seed, cfg.data.split_dir)
+    method = instantiate(cfg.method, model=instantiate(cfg.model, _partial_=True))
+    loaders = build_loaders(
+        source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
+        need_unlabeled=method.uses_unlabeled, pin_memory=device.type == "cuda",
+        val_batch_size=cfg.data.val_batch_size,
+    )
+
+    name = f"{type(method).__name__}-{type(source).__name__}-split{cfg.split}-seed{cfg.seed}"
+    defaults = {"run_name": name, "fallback_dir": str(run_dir)}
+    logger = instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
+    try:
+        logger.log_params(flatten_config(cfg))
+        resolved = run_dir / "config.yaml"
+        resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        logger.log_artifact(resolved)
+        for path in write_split(split, run_dir / "split"):
+            logger.log_artifact(path, artifact_path="split")
+
+        trainer = Trainer(
+            method, loaders, instantiate(cfg.optimizer),
+            iters=cfg.trainer.iters, epochs=cfg.trainer.epochs, eval_every=cfg.trainer.eval_every,
+            log_every=cfg.trainer.log_every, decoder_lr_mult=cfg.trainer.decoder_lr_mult,
+            poly_power=cfg.trainer.poly_power, device=device, eval_protocol=instantiate(cfg.eval),
+            num_classes=source.num_classes, ignore_index=source.ignore_index,
+            class_names=list(source.class_names), run_dir=run_dir, logger=logger,
+        )
+        result = trainer.fit()
+        logger.log_artifact(trainer.save_reported_model())
+    except BaseException:
+        logger.close("FAILED")
+        raise
+    logger.close()
+
+    print(f"\n{type(method).__name__} on {type(source).__name__}, {len(split.labeled)} labeled / "
+          f"{len(split.unlabeled)} unlabeled images, {trainer.total_iters} iterations on {device}")
+    for model_name, value in result.miou.items():
+        marker = "  <- reported" if model_name == method.reported else ""
+        print(f"  val mIoU {model_name:<9} {value:7.2%}{marker}")
+    print(f"  wall time {trainer.wall_time:.0f} s")
+    print(f"  run files  {run_dir}")
+    print(f"  logged to  {logger.location}")
+    return result.miou[method.reported]

@@ -1,0 +1,67 @@
+"""Every option of every config group composes against the typed schema and builds its object."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from gta.cli import CONF_DIR
+from gta.config import register_configs
+
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_conf():
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield
+
+
+def offline(group: str) -> list[str]:
+    # no pretrained weights can be fetched in tests
+    return ["model.encoder_weights=null"] if group == "model" else []
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_builds(group, option, tmp_path):
+    cfg = compose("train", overrides=[f"{group}={option}", *offline(group)])
+    node = cfg[group]
+    if group == "model":
+        model = instantiate(node)
+        assert model.feature_extractor_parameters() and model.mask_predictor_parameters()
+    elif group == "method":
+        method = instantiate(node, model=lambda: instantiate(cfg.model))
+        assert method.reported in method.evaluated_models()
+    elif group == "logger":
+        overrides = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"} if "tracking_uri" in node else {}
+        instantiate(node, **overrides).close()
+    else:
+        assert instantiate(node) is not None
+
+
+def test_the_overrides_scripts_rely_on_exist():
+    cfg = compose("train", overrides=[
+        "dataset=synthetic", "split=all", "model=deeplabv3plus_small", "method=mean_teacher", "ema.alpha=0.999",
+        "reweight=none", "seed=3", "trainer.iters=7", "trainer.eval_every=2", "device=cpu", "logger=none",
+    ])
+    assert (cfg.split, cfg.ema.alpha, cfg.seed, cfg.trainer.iters, cfg.device) == ("all", 0.999, 3, 7, "cpu")
+    assert cfg.logger._target_ == "gta.tracking.NullLogger"
+    assert compose("train", overrides=["logger.tracking_uri=http://127.0.0.1:1"]).logger.tracking_uri
+
+
+@pytest.mark.parametrize(("override", "culprit"), [
+    ("method.dorp=0.3", "method.dorp"),
+    ("trainer.iterations=3", "trainer.iterations"),
+    ("method.drop=lots", "method.drop"),
+    ("trainer.iters=many", "trainer.iters"),
+    ("reweight=laplas", "laplas"),
+])
+def test_unknown_keys_and_wrong_types_fail_naming_the_culprit(override, culprit):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose("train", overrides=[override])
+    message = str(err.value) + str(err.value.__cause__)
+    assert culprit in message

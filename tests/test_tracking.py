@@ -1,0 +1,263 @@
+"""Tracking: a real sqlite MLflow store, read back with MlflowClient (MLflow itself is not mocked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.utils.file_utils import path_to_local_sqlite_uri
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from omegaconf import OmegaConf
+
+from gta.tracking import Logger, NullLogger, flatten_config
+from gta.tracking.mlflow import (
+    CHANGED_PARAM_TAG_PREFIX,
+    UNSENT_METRICS_FILE,
+    MLflowLogger,
+    check_reachable,
+    default_tracking_uri,
+    sqlite_path,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One sqlite store for the whole module: creating its schema is the slow part."""
+    return path_to_local_sqlite_uri(tmp_path_factory.mktemp("store") / "sub" / "mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def client(store) -> MlflowClient:
+    return MlflowClient(store)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def tracking_warnings(record):
+    return [w for w in record if issubclass(w.category, RuntimeWarning) and "MLflow at" in str(w.message)]
+
+
+def test_round_trip(store, client, tmp_path):
+    logger = MLflowLogger(store, experiment_name="round-trip", run_name="r1", tags={"team": "seg"},
+                          fallback_dir=tmp_path)
+    assert isinstance(logger, Logger)
+    logger.log_params({"lr": 0.01, "model.name": "deeplab"})
+    for step in range(3):
+        logger.log_metrics({"loss": 1.0 / (step + 1), "miou": 0.1 * step}, step=step)
+    (tmp_path / "config.yaml").write_text("lr: 0.01\n")
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "labeled.txt").write_text("a\nb\n")
+    logger.log_artifact(tmp_path / "config.yaml")
+    logger.log_artifact(split, artifact_path="data")
+    logger.log_image(np.full((8, 6, 3), 200, dtype=np.uint8), "images/pred.png")
+    logger.set_tags({"stage": "test"})
+    logger.close()
+
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    assert run.data.params == {"lr": "0.01", "model.name": "deeplab"}
+    assert run.data.tags["team"] == "seg" and run.data.tags["stage"] == "test"
+    assert history(client, logger.run_id, "loss") == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+    assert [s for s, _ in history(client, logger.run_id, "miou")] == [0, 1, 2]
+    artifacts = {a.path for a in client.list_artifacts(logger.run_id)}
+    assert artifacts == {"config.yaml", "data", "images"}
+    assert [a.path for a in client.list_artifacts(logger.run_id, "data/split")] == ["data/split/labeled.txt"]
+    assert [a.path for a in client.list_artifacts(logger.run_id, "images")] == ["images/pred.png"]
+
+    # Artifacts sit next to the store, not in the directory the test happens to run in.
+    db = sqlite_path(store)
+    assert run.info.artifact_uri.startswith((db.parent / "mlartifacts").as_uri())
+    assert (db.parent / "mlartifacts").is_dir()
+    assert logger.run_id in logger.location and "'round-trip'" in logger.location and store in logger.location
+    assert logger.ui_hint == f"mlflow ui --backend-store-uri {store} --host 127.0.0.1"
+    logger.close()  # idempotent
+
+
+def test_nested_run_is_found_by_parent_tag(store, client, tmp_path):
+    parent = MLflowLogger(store, experiment_name="nested", run_name="sweep", fallback_dir=tmp_path)
+    children = [
+        MLflowLogger(store, experiment_name="nested", run_name=f"seed{i}", parent_run_id=parent.run_id,
+                     fallback_dir=tmp_path)
+        for i in range(2)
+    ]
+    for child in children:
+        child.close()
+    parent.close()
+
+    found = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    assert {r.info.run_id for r in found} == {c.run_id for c in children}
+
+
+def test_resume_continues_the_same_run(store, client, tmp_path):
+    first = MLflowLogger(store, experiment_name="resume", fallback_dir=tmp_path)
+    first.log_params({"lr": 0.1, "seed": 1})
+    for step in (0, 1):
+        first.log_metrics({"loss": float(step)}, step=step)
+    first.close("KILLED")
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    second = MLflowLogger(store, run_id=first.run_id, fallback_dir=tmp_path)
+    assert second.run_id == first.run_id and second.experiment_name == "resume"
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        second.log_params({"lr": 0.1, "seed": 2})  # same value: no-op; changed value: kept as a tag
+    assert not tracking_warnings(record)
+    for step in (2, 3):
+        second.log_metrics({"loss": float(step)}, step=step)
+    second.close()
+
+    runs = client.search_runs([first.experiment_id])
+    assert [r.info.run_id for r in runs] == [first.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.1", "seed": "1"}
+    assert run.data.tags[CHANGED_PARAM_TAG_PREFIX + "seed"] == "2"
+    assert history(client, first.run_id, "loss") == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+def test_failed_sends_are_retried(store, client, tmp_path, monkeypatch):
+    logger = MLflowLogger(store, experiment_name="flaky", fallback_dir=tmp_path, retry_interval=0)
+    logger.log_metrics({"loss": 0.0}, step=0)
+
+    def store_down(*args, **kwargs):
+        raise MlflowException("database is locked")
+
+    monkeypatch.setattr(logger._client, "log_batch", store_down)
+    with pytest.warns(RuntimeWarning, match="database is locked") as record:
+        logger.log_metrics({"loss": 1.0}, step=1)
+    assert store in str(record[0].message)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        logger.log_metrics({"loss": 2.0}, step=2)  # still down: one warning per outage, not per call
+        logger.log_params({"x": 1})  # other calls warn but do not raise either
+    assert len(tracking_warnings(record)) == 1
+
+    monkeypatch.undo()
+    logger.log_metrics({"loss": 3.0}, step=3)
+    logger.close()
+    assert history(client, logger.run_id, "loss") == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    assert not (tmp_path / UNSENT_METRICS_FILE).exists()
+
+
+def test_unsent_metrics_go_to_the_fallback_file(store, client, tmp_path, monkeypatch):
+    fallback = tmp_path / "run"
+    logger = MLflowLogger(store, experiment_name="flaky", fallback_dir=fallback, retry_interval=0)
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(logger._client, "log_batch", disk_full)
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        logger.log_metrics({"loss": 0.5, "miou": 0.25}, step=7)
+    with pytest.warns(RuntimeWarning, match=UNSENT_METRICS_FILE):
+        logger.close("FAILED")
+
+    records = [json.loads(line) for line in (fallback / UNSENT_METRICS_FILE).read_text().splitlines()]
+    assert {(r["key"], r["value"], r["step"]) for r in records} == {("loss", 0.5, 7), ("miou", 0.25, 7)}
+    assert {r["run_id"] for r in records} == {logger.run_id}
+    assert client.get_run(logger.run_id).info.status == "FAILED"
+
+
+def test_unreachable_server_fails_fast():
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=uri) as info:
+        MLflowLogger(uri)
+    assert time.monotonic() - start < 10
+    assert "logger=none" in str(info.value) and "logger.tracking_uri" in str(info.value)
+
+
+def test_any_http_answer_counts_as_reachable():
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        check_reachable(f"http://127.0.0.1:{server.server_address[1]}", timeout=3)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sqlite_store_location(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="not-a-dir"):
+        MLflowLogger(path_to_local_sqlite_uri(blocker / "mlflow.db"))
+
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_path("sqlite:///rel/mlflow.db") == tmp_path / "rel" / "mlflow.db"
+    assert sqlite_path("sqlite:///:memory:") is None and sqlite_path("http://host:5000") is None
+
+    uri = default_tracking_uri()
+    assert uri.startswith("sqlite:///") and sqlite_path(uri) == ROOT / "mlflow.db"
+
+
+def test_flatten_config():
+    cfg = OmegaConf.create({
+        "lr": 0.01,
+        "model": {"name": "deeplab", "channels": [64, 128], "head": {"lr": "${lr}"}},
+        "aug": [{"name": "flip"}],
+        "note": "x" * (MAX_PARAM_VAL_LENGTH + 10),
+        "todo": "???",
+        "none": None,
+        "empty": {},
+    })
+    flat = flatten_config(cfg)
+    assert flat == {
+        "lr": "0.01",
+        "model.name": "deeplab",
+        "model.channels": "[64, 128]",
+        "model.head.lr": "0.01",
+        "aug": "[{'name': 'flip'}]",
+        "note": "x" * MAX_PARAM_VAL_LENGTH,
+        "todo": "???",
+        "none": "None",
+        "empty": "{}",
+    }
+    assert flatten_config({"a": {"b": 1}, "c": cfg.model.head}, sep="/") == {"a/b": "1", "c/lr": "0.01"}
+
+
+def test_null_logger_never_imports_mlflow():
+    NullLogger().close()
+    code = (
+        "import sys, numpy as np, gta.tracking as t\n"
+        "log = t.NullLogger()\n"
+        "log.log_params(t.flatten_config({'a': {'b': 1}})); log.log_metrics({'x': 1.0}, step=0)\n"
+        "log.log_artifact('nope'); log.log_image(np.zeros((2, 2, 3), np.uint8), 'i.png')\n"
+        "log.set_tags({'a': 'b'}); log.close('FAILED')\n"
+        "assert log.run_id is None and log.location == 'nowhere (logger=none)'\n"
+        "assert 'mlflow' not in sys.modules, 'mlflow imported'\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
