@@ -206,8 +206,8 @@ class MLflowLogger(Logger):
         Returns the error that stopped it, if any. Warns once per outage, not at every retry.
         """
         try:
-            if self._failing and _is_http(self.tracking_uri):
-                # Probe cheaply first: a real request to a dead server blocks for MLflow's retries.
+            if _is_http(self.tracking_uri):
+                # Probe cheaply first: a real request to a dead server blocks for minutes of MLflow retries.
                 check_reachable(self.tracking_uri, self.connect_timeout)
             while self._pending:
                 batch = self._pending[:MAX_METRICS_PER_BATCH]
