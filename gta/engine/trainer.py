@@ -155,7 +155,7 @@ class Trainer:
         for name, iou in ious.items():
             metrics[f"val/{name}/miou"] = result.miou[name]
             metrics.update(
-                {f"val/{name}/iou/{cls}": float(v) for cls, v in zip(self.class_names, iou) if not v.isnan()}
+                {f"val/{name}/iou/{cls}": float(v) for cls, v in zip(self.class_names, iou, strict=False) if not v.isnan()}
             )
         self.logger.log_metrics(metrics, step=step)
         self.history.append(result)

@@ -1,0 +1,71 @@
+"""End to end through the real CLI: runs land in MLflow; bad input fails with a message naming it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "dataset.num_labeled_pool=8", "dataset.num_unlabeled=0", "dataset.num_val=4", "dataset.image_size=32",
+    "dataset.crop_size=32", "data.batch_size=2", "data.val_batch_size=4", "split=4", "trainer.iters=4",
+    "trainer.log_every=2", "device=cpu",  # 4 unlabeled images: 2 iterations of warm-up, 2 past it
+]
+
+
+def gta(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "gta", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def test_multirun_of_all_methods_logs_each_run_to_mlflow(tmp_path, data_root):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = gta("train", "--multirun", "method=suponly,mean_teacher,gta", *TINY, f"dataset.root={data_root}",
+                 f"logger.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val mIoU teacher" in result.stdout and "logged to  MLflow run" in result.stdout
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("gta").experiment_id])
+    by_method = {r.data.params["method._target_"].rsplit(".", 1)[1]: r for r in runs}
+    assert set(by_method) == {"SupOnly", "MeanTeacher", "GTASeg"}
+    for name, run in by_method.items():
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "train/loss_l")
+        assert [m.step for m in history] == [2, 4]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "split"} <= artifacts
+        assert f"{'student' if name == 'SupOnly' else 'teacher'}.pt" in artifacts
+        assert run.data.params["split"] == "4" and run.data.params["ema.alpha"] == "0.99"
+    gta_metrics = by_method["GTASeg"].data.metrics
+    for model in ("teacher", "student", "assistant"):
+        assert 0.0 <= gta_metrics[f"val/{model}/miou"] <= 1.0
+        assert f"val/{model}/iou/background" in gta_metrics
+    assert gta_metrics["val/miou"] == gta_metrics["val/teacher/miou"]
+    assert "train/loss_u" in by_method["GTASeg"].data.metrics  # past warm-up, the assistant learned
+
+
+@pytest.mark.parametrize(("overrides", "culprit"), [
+    (["trainer.itres=3"], "trainer.itres"),
+    (["split=5000"], "5000"),
+    (["device=cuda"], "device=cuda"),
+    (["hydra.run.dir=/proc/gta-run"], "/proc/gta-run"),
+])
+def test_bad_input_fails_with_a_message_naming_the_culprit(overrides, culprit, tmp_path, data_root):
+    if culprit == "device=cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    result = gta("train", *TINY, f"dataset.root={data_root}", "logger=none", *overrides, cwd=tmp_path)
+    assert result.returncode != 0
+    assert culprit in result.stderr, result.stderr[-2000:]
