@@ -9,9 +9,8 @@ names to classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -47,6 +46,39 @@ class SyntheticConfig(DatasetConfig):
     num_val: int = 100
     image_size: int = 64
     seed: int = 0
+
+
+@dataclass
+class PascalVOCConfig(DatasetConfig):
+    _target_: str = "gta.data.PascalVOC"
+    num_classes: int = 21
+
+
+@dataclass
+class PascalVOCAugConfig(PascalVOCConfig):
+    _target_: str = "gta.data.PascalVOCAug"
+
+
+@dataclass
+class CityscapesConfig(DatasetConfig):
+    _target_: str = "gta.data.Cityscapes"
+    num_classes: int = 19
+    crop_size: int = 769
+    #: "auto" (labelTrainIds files when every image has one), "labelIds" or "labelTrainIds"
+    label_files: str = "auto"
+
+
+@dataclass
+class FolderConfig(DatasetConfig):
+    _target_: str = "gta.data.SegmentationFolder"
+    image_dir: str = "images"
+    mask_dir: str = "masks"
+    image_suffix: str = ".jpg"
+    mask_suffix: str = ".png"
+    #: each a sub-folder of image_dir and mask_dir ("." for all of it) or a list file (*.txt) under root
+    train: str = "train"
+    val: str = "val"
+    unlabeled: str | None = None
 
 
 # --- model -----------------------------------------------------------------------------------------
@@ -194,7 +226,13 @@ class TrainConfig:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {"synthetic": SyntheticConfig},
+    "dataset": {
+        "synthetic": SyntheticConfig,
+        "pascal_voc": PascalVOCConfig,
+        "pascal_voc_aug": PascalVOCAugConfig,
+        "cityscapes": CityscapesConfig,
+        "folder": FolderConfig,
+    },
     "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig},
     "reweight": {"uniform": UniformReweightConfig, "confidence": ConfidenceReweightConfig},
     "logger": {"none": NoLoggerConfig, "mlflow": MLflowConfig},
