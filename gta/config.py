@@ -201,9 +201,13 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     _target_: str = "gta.engine.evaluate.EvalProtocol"
+    #: "whole" image, "center_crop" (crop_size) or "sliding" window (crop_size, stride; logits averaged)
     mode: str = "whole"
     crop_size: int = 513
     stride: int = 513
+    #: which of the method's models are evaluated during training: "reported" (the teacher for GTA-Seg),
+    #: "all" (Table 6) or a list of names; the reported model is always among them
+    models: Any = "reported"
 
 
 @dataclass
