@@ -229,6 +229,40 @@ class TrainConfig:
     device: str = "auto"
 
 
+@dataclass
+class EvalDatasetOverrides:
+    root: str | None = None
+
+
+@dataclass
+class EvalProtocolOverrides:
+    mode: str | None = None
+    crop_size: int | None = None
+    stride: int | None = None
+
+
+@dataclass
+class EvalDataOverrides:
+    val_batch_size: int | None = None
+    num_workers: int | None = None
+
+
+@dataclass
+class EvalCommandConfig:
+    """``python -m gta eval``: the run's own config, with the values set here (non-null) replacing its own."""
+
+    #: a ``<model>.pt`` state_dict written by ``train``, or a training-state checkpoint with "models"
+    checkpoint: str = MISSING
+    #: the run's resolved config; null: config.yaml beside the checkpoint or one directory up
+    config: str | None = None
+    #: which model of a training-state checkpoint to evaluate
+    model_name: str = "teacher"
+    device: str | None = None
+    dataset: EvalDatasetOverrides = field(default_factory=EvalDatasetOverrides)
+    eval: EvalProtocolOverrides = field(default_factory=EvalProtocolOverrides)
+    data: EvalDataOverrides = field(default_factory=EvalDataOverrides)
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {
         "synthetic": SyntheticConfig,
@@ -252,6 +286,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("gta_root", lambda: str(PROJECT_ROOT))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalCommandConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=group, name=f"schema_{name}", node=node)
