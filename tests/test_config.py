@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from gta.cli import CONF_DIR
 from gta.config import register_configs
 
-GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+# experiment files are global overlays, appended with +experiment=: tests/test_experiments.py runs them
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "experiment")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
 
 
