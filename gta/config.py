@@ -191,7 +191,7 @@ class DataConfig:
     #: labeled images per iteration, and as many unlabeled ones
     batch_size: int = 3
     num_workers: int = 2
-    #: validation images per forward; keep 1 when validation images differ in size
+    #: validation images per forward (at most: images of different sizes are never batched together)
     val_batch_size: int = 1
     split_seed: int = 0
     #: a directory with labeled.txt / unlabeled.txt that fixes the split exactly

@@ -31,10 +31,12 @@ from gta.data import (
     PascalVOCAug,
     SegmentationFiles,
     SegmentationFolder,
+    build_val_loader,
     eval_transform,
     select_split,
     train_transform,
 )
+from gta.engine.evaluate import EvalProtocol, confusion_matrices
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -93,6 +95,19 @@ def test_voc_aug_protocol_pools(voc_root):
     assert pools["unlabeled"] == [] and ids(pools["val"]) == VOC_VAL
     split = select_split(PascalVOCAug(voc_root), 4, split_seed=0)
     assert len(split.labeled) == 4 and len(split.unlabeled) == 7
+
+
+def test_validation_batches_never_mix_image_sizes(voc_root):
+    voc = PascalVOC(voc_root)
+    val = voc.pools()["val"]  # three images of three heights
+    batched = list(build_val_loader(voc, val, batch_size=3))
+    assert len(batched) == 1 and [tuple(image.shape) for image, _ in batched[0]] == [
+        (1, 3, 40, 50), (1, 3, 41, 50), (1, 3, 42, 50)]  # fmt: skip
+    net = torch.nn.Conv2d(3, 21, 1).eval()
+    cpu = torch.device("cpu")
+    one_by_one = confusion_matrices({"m": net}, build_val_loader(voc, val), 21, 255, EvalProtocol(), cpu)
+    together = confusion_matrices({"m": net}, batched, 21, 255, EvalProtocol(), cpu)
+    assert torch.equal(one_by_one["m"], together["m"]) and one_by_one["m"].sum() > 0
 
 
 def test_voc_split_by_count_is_deterministic_and_drawn_from_the_fine_images(voc_root):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
 
 from .sampler import EpochSampler, derive_seed
 from .source import Sample, SegmentationFiles, SegmentationSource, read_list
@@ -289,7 +289,8 @@ def build_val_loader(
 ) -> DataLoader:
     """Whole validation images in a fixed order; rank r of ``world_size`` gets samples r, r+w, ...,
     disjoint shares without the duplicates a DistributedSampler pads with, so per-rank confusion
-    matrices can simply be summed."""
+    matrices can simply be summed. Images of different sizes never share a batch (see
+    :func:`collate_by_size`), so ``batch_size`` is safe for datasets like VOC."""
     val: Dataset = SegmentationFiles(
         samples, eval_transform(source.mean, source.std), source.num_classes, source.ignore_index,
         source.label_lut,
@@ -298,5 +299,16 @@ def build_val_loader(
         val = Subset(val, range(rank, len(val), world_size))
     return DataLoader(
         val, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, collate_fn=collate_by_size,
     )  # fmt: skip
+
+
+def collate_by_size(items: list[tuple[torch.Tensor, torch.Tensor]]):
+    """One ``[images, masks]`` batch when all images have one size, else a list of ``(images, masks)``
+    batches, one per size (``gta.engine.evaluate.confusion_matrices`` takes both)."""
+    groups: dict[tuple[int, ...], list] = {}
+    for item in items:
+        groups.setdefault(tuple(item[0].shape), []).append(item)
+    if len(groups) == 1:
+        return default_collate(items)
+    return [tuple(default_collate(group)) for group in groups.values()]

@@ -108,7 +108,7 @@ def confusion_matrices(
     meters = {name: meter.to(device) for name, meter in meters.items()}
     for model in models.values():
         model.eval()
-    for image, mask in batches:
+    for image, mask in _flatten(batches):
         image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         if protocol.mode == "center_crop":
             image, mask = center_crop(image, mask, protocol.crop_size)
@@ -119,6 +119,15 @@ def confusion_matrices(
     # with dist_reduce_fx="sum"); each rank's validation loader holds a disjoint share (build_val_loader),
     # so no image is counted twice.
     return {name: meter.compute() for name, meter in meters.items()}
+
+
+def _flatten(batches: Iterable) -> Iterable[Sequence[torch.Tensor]]:
+    """``(image, mask)`` batches; a validation loader yields a list of them when a batch mixes sizes."""
+    for batch in batches:
+        if isinstance(batch[0], torch.Tensor):
+            yield batch
+        else:
+            yield from batch
 
 
 def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
