@@ -23,7 +23,14 @@ def train(cfg: DictConfig) -> float:
     return run(cfg)
 
 
-COMMANDS = {"train": train}
+@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+def evaluate(cfg: DictConfig) -> float:
+    from gta.eval import run
+
+    return run(cfg)
+
+
+COMMANDS = {"train": train, "eval": evaluate}
 USAGE = "usage: python -m gta {" + ",".join(COMMANDS) + "} [key=value ...] [--multirun] [--help]"
 
 

@@ -48,6 +48,39 @@ class SyntheticConfig(DatasetConfig):
     seed: int = 0
 
 
+@dataclass
+class PascalVOCConfig(DatasetConfig):
+    _target_: str = "gta.data.PascalVOC"
+    num_classes: int = 21
+
+
+@dataclass
+class PascalVOCAugConfig(PascalVOCConfig):
+    _target_: str = "gta.data.PascalVOCAug"
+
+
+@dataclass
+class CityscapesConfig(DatasetConfig):
+    _target_: str = "gta.data.Cityscapes"
+    num_classes: int = 19
+    crop_size: int = 769
+    #: "auto" (labelTrainIds files when every image has one), "labelIds" or "labelTrainIds"
+    label_files: str = "auto"
+
+
+@dataclass
+class FolderConfig(DatasetConfig):
+    _target_: str = "gta.data.SegmentationFolder"
+    image_dir: str = "images"
+    mask_dir: str = "masks"
+    image_suffix: str = ".jpg"
+    mask_suffix: str = ".png"
+    #: each a sub-folder of image_dir and mask_dir ("." for all of it) or a list file (*.txt) under root
+    train: str = "train"
+    val: str = "val"
+    unlabeled: str | None = None
+
+
 # --- model -----------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
@@ -158,7 +191,7 @@ class DataConfig:
     #: labeled images per iteration, and as many unlabeled ones
     batch_size: int = 3
     num_workers: int = 2
-    #: validation images per forward; keep 1 when validation images differ in size
+    #: validation images per forward (at most: images of different sizes are never batched together)
     val_batch_size: int = 1
     split_seed: int = 0
     #: a directory with labeled.txt / unlabeled.txt that fixes the split exactly
@@ -168,9 +201,13 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     _target_: str = "gta.engine.evaluate.EvalProtocol"
+    #: "whole" image, "center_crop" (crop_size) or "sliding" window (crop_size, stride; logits averaged)
     mode: str = "whole"
     crop_size: int = 513
     stride: int = 513
+    #: which of the method's models are evaluated during training: "reported" (the teacher for GTA-Seg),
+    #: "all" (Table 6) or a list of names; the reported model is always among them
+    models: Any = "reported"
 
 
 @dataclass
@@ -192,8 +229,48 @@ class TrainConfig:
     device: str = "auto"
 
 
+@dataclass
+class EvalDatasetOverrides:
+    root: str | None = None
+
+
+@dataclass
+class EvalProtocolOverrides:
+    mode: str | None = None
+    crop_size: int | None = None
+    stride: int | None = None
+
+
+@dataclass
+class EvalDataOverrides:
+    val_batch_size: int | None = None
+    num_workers: int | None = None
+
+
+@dataclass
+class EvalCommandConfig:
+    """``python -m gta eval``: the run's own config, with the values set here (non-null) replacing its own."""
+
+    #: a ``<model>.pt`` state_dict written by ``train``, or a training-state checkpoint with "models"
+    checkpoint: str = MISSING
+    #: the run's resolved config; null: config.yaml beside the checkpoint or one directory up
+    config: str | None = None
+    #: which model of a training-state checkpoint to evaluate
+    model_name: str = "teacher"
+    device: str | None = None
+    dataset: EvalDatasetOverrides = field(default_factory=EvalDatasetOverrides)
+    eval: EvalProtocolOverrides = field(default_factory=EvalProtocolOverrides)
+    data: EvalDataOverrides = field(default_factory=EvalDataOverrides)
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {"synthetic": SyntheticConfig},
+    "dataset": {
+        "synthetic": SyntheticConfig,
+        "pascal_voc": PascalVOCConfig,
+        "pascal_voc_aug": PascalVOCAugConfig,
+        "cityscapes": CityscapesConfig,
+        "folder": FolderConfig,
+    },
     "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig},
     "reweight": {"uniform": UniformReweightConfig, "confidence": ConfidenceReweightConfig},
     "logger": {"none": NoLoggerConfig, "mlflow": MLflowConfig},
@@ -209,6 +286,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("gta_root", lambda: str(PROJECT_ROOT))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalCommandConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=group, name=f"schema_{name}", node=node)

@@ -70,7 +70,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
           f"{len(split.unlabeled)} unlabeled images, {trainer.total_iters} iterations on {device}")
     for model_name, value in result.miou.items():
         marker = "  <- reported" if model_name == method.reported else ""
-        print(f"  val mIoU {model_name:<9} {value:7.2%}{marker}")
+        print(f"  val mIoU {model_name:<9} {value:7.2%}{marker}  (last, step {result.step})")
+    best = trainer.best
+    print(f"  best     {method.reported:<9} {best.miou[method.reported]:7.2%}  (step {best.step})")
     print(f"  wall time {trainer.wall_time:.0f} s")
     print(f"  run files  {run_dir}")
     print(f"  logged to  {logger.location}")

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
 
 from .sampler import EpochSampler, derive_seed
-from .source import Sample, SegmentationFiles, SegmentationSource
+from .source import Sample, SegmentationFiles, SegmentationSource, read_list
 from .transforms import eval_transform, train_transform
 
-__all__ = ["Loaders", "SplitData", "build_loaders", "select_split", "write_split"]
+__all__ = ["Loaders", "SplitData", "build_loaders", "build_val_loader", "select_split", "write_split"]
 
 _LABELED_STREAM, _UNLABELED_STREAM = 0, 1
 
@@ -48,14 +48,6 @@ def _unique_ids(pools: dict[str, list[Sample]], root: Path) -> None:
         raise ValueError(f"Dataset at {root} has duplicate sample ids: {sorted(duplicates)[:5]}")
 
 
-def _read_entries(path: Path) -> list[str]:
-    """One entry per line; only the first column is used, so two-column "image mask" lists also work."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Split file {path} does not exist")
-    entries = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    return list(dict.fromkeys(entries))  # drop repeats, keep order
-
-
 def _lookup(samples: list[Sample], root: Path) -> dict[str, Sample]:
     """Index samples by id and by image path relative to the dataset root."""
     table = {}
@@ -75,7 +67,7 @@ def _split_from_dir(source: SegmentationSource, pools: dict[str, list[Sample]], 
     for name in ("labeled", "unlabeled"):
         path = split_dir / f"{name}.txt"
         chosen[name] = []
-        for entry in _read_entries(path):
+        for entry in read_list(path):
             key = entry.removeprefix("./").lstrip("/")
             if key not in table:
                 where = " (it is a validation sample)" if key in val_table else ""
@@ -282,11 +274,41 @@ def build_loaders(
     labeled = train_loader(split.labeled, _LABELED_STREAM, with_mask=True)
     unlabeled = train_loader(split.unlabeled, _UNLABELED_STREAM, with_mask=False) if need_unlabeled else None
 
+    val = build_val_loader(source, split.val, val_batch_size, num_workers, rank, world_size, pin_memory)
+    return Loaders(labeled, unlabeled, val, iters_per_epoch)
+
+
+def build_val_loader(
+    source: SegmentationSource,
+    samples: list[Sample],
+    batch_size: int = 1,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Whole validation images in a fixed order; rank r of ``world_size`` gets samples r, r+w, ...,
+    disjoint shares without the duplicates a DistributedSampler pads with, so per-rank confusion
+    matrices can simply be summed. Images of different sizes never share a batch (see
+    :func:`collate_by_size`), so ``batch_size`` is safe for datasets like VOC."""
     val: Dataset = SegmentationFiles(
-        split.val, eval_transform(source.mean, source.std), source.num_classes, source.ignore_index,
+        samples, eval_transform(source.mean, source.std), source.num_classes, source.ignore_index,
         source.label_lut,
     )  # fmt: skip
-    if world_size > 1:  # disjoint shares without the duplicates a DistributedSampler pads with
+    if world_size > 1:
         val = Subset(val, range(rank, len(val), world_size))
-    val_loader = DataLoader(val, batch_size=val_batch_size, shuffle=False, **common)
-    return Loaders(labeled, unlabeled, val_loader, iters_per_epoch)
+    return DataLoader(
+        val, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=num_workers > 0, collate_fn=collate_by_size,
+    )  # fmt: skip
+
+
+def collate_by_size(items: list[tuple[torch.Tensor, torch.Tensor]]):
+    """One ``[images, masks]`` batch when all images have one size, else a list of ``(images, masks)``
+    batches, one per size (``gta.engine.evaluate.confusion_matrices`` takes both)."""
+    groups: dict[tuple[int, ...], list] = {}
+    for item in items:
+        groups.setdefault(tuple(item[0].shape), []).append(item)
+    if len(groups) == 1:
+        return default_collate(items)
+    return [tuple(default_collate(group)) for group in groups.values()]

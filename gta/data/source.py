@@ -8,9 +8,10 @@ error deep inside the loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-__all__ = ["Sample", "SegmentationFiles", "SegmentationSource", "voc_palette"]
+__all__ = [
+    "Sample",
+    "SegmentationFiles",
+    "SegmentationSource",
+    "check_files",
+    "fixed_labels",
+    "read_list",
+    "voc_palette",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,41 @@ def voc_palette(num_colors: int) -> list[list[int]]:
             code >>= 3
         palette.append(rgb)
     return palette
+
+
+def read_list(path: Path) -> list[str]:
+    """The entries of a list file: one per line, first column only (so two-column "image mask" lists
+    work too), blank lines and repeats dropped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"List file {path} does not exist")
+    entries = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(entries))
+
+
+def check_files(samples: Iterable[Sample], listed_in: Path | str) -> list[Sample]:
+    """Fail before training starts, naming the sample and where it came from, if a file is missing."""
+    samples = list(samples)
+    for sample in samples:
+        for what, path in (("image", sample.image), ("mask", sample.mask)):
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"Sample '{sample.id}' (from {listed_in}): no {what} file {path}")
+    return samples
+
+
+def fixed_labels(dataset: str, kwargs: dict[str, Any], **fixed: Any) -> dict[str, Any]:
+    """Constructor arguments of a dataset whose label set is fixed by its files (VOC, Cityscapes, ...).
+
+    A config may repeat a fixed value (the model reads ``dataset.num_classes``) but not change it."""
+    for key, value in fixed.items():
+        given = kwargs.get(key)
+        if given is not None and _plain(given) != _plain(value):
+            raise ValueError(f"{dataset} has fixed {key}={value}; got {given}")
+    return {**kwargs, **fixed}
+
+
+def _plain(value: Any) -> Any:
+    """Config containers (e.g. OmegaConf ListConfig) compared as plain lists."""
+    return value if isinstance(value, (int, str)) else [_plain(v) for v in value]
 
 
 class SegmentationSource:
@@ -101,13 +145,20 @@ class SegmentationSource:
         unlabeled (may be empty), 'val': validation samples (with masks)}``"""
         raise NotImplementedError(f"{type(self).__name__} must implement pools()")
 
-    def check_root(self, expected_layout: str) -> Path:
-        """Return ``root``, or raise a FileNotFoundError that says what should be there."""
+    def check_root(self, expected_layout: str, *required: str) -> Path:
+        """Return ``root``, or raise a FileNotFoundError that says what should be there; ``required``
+        names paths (relative to root) that must exist too."""
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"Dataset root {self.root} does not exist (or is not a directory). "
                 f"Expected layout:\n{expected_layout}"
             )
+        for relative in required:
+            if not (self.root / relative).exists():
+                raise FileNotFoundError(
+                    f"{self.root / relative} is missing from the dataset at {self.root}. "
+                    f"Expected layout:\n{expected_layout}"
+                )
         return self.root
 
     def __repr__(self) -> str:
@@ -190,13 +241,14 @@ class SegmentationFiles(Dataset):
                 f"{image_size[0]}x{image_size[1]}"
             )
         values = np.array(mask, dtype=np.uint8)  # mode P reads as palette indices, i.e. class ids
-        if self.label_lut is not None:
-            values = self.label_lut[values]
+        # Validate the raw values (what is in the file) so the message names a value the user can find.
+        invalid = self._invalid if self.label_lut is None else self._invalid[self.label_lut]
         present = np.bincount(values.ravel(), minlength=256) > 0
-        bad = np.flatnonzero(present & self._invalid)
+        bad = np.flatnonzero(present & invalid)
         if bad.size:
+            mapped = "" if self.label_lut is None else " after mapping by the dataset's label table"
             raise ValueError(
                 f"Mask {sample.mask} contains values {bad.tolist()} outside the accepted range "
-                f"[0, {self.num_classes}) + ignore_index {self.ignore_index}"
+                f"[0, {self.num_classes}) + ignore_index {self.ignore_index}{mapped}"
             )
-        return values
+        return values if self.label_lut is None else self.label_lut[values]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .source import Sample, SegmentationSource
+from .source import Sample, SegmentationSource, fixed_labels
 
 __all__ = ["SyntheticShapes", "render_scene"]
 
@@ -197,11 +197,10 @@ class SyntheticShapes(SegmentationSource):
         seed: int = 0,
         **source_kwargs,
     ) -> None:
-        fixed = {"num_classes": type(self).num_classes, "class_names": list(type(self).class_names)}
-        for key, value in fixed.items():
-            given = source_kwargs.pop(key, None)
-            if given is not None and _plain(given) != value:
-                raise ValueError(f"SyntheticShapes has fixed {key}={value}")
+        source_kwargs = fixed_labels(
+            "SyntheticShapes", source_kwargs, num_classes=type(self).num_classes,
+            class_names=list(type(self).class_names),
+        )
         if min(num_labeled_pool, num_val) < 1 or num_unlabeled < 0:
             raise ValueError("SyntheticShapes needs num_labeled_pool >= 1, num_val >= 1, num_unlabeled >= 0")
         if image_size < 8:
@@ -210,7 +209,7 @@ class SyntheticShapes(SegmentationSource):
         # smallest shapes to a few pixels and turns most of the crop into padding.
         source_kwargs.setdefault("crop_size", image_size)
         source_kwargs.setdefault("scale_range", (0.75, 1.5))
-        super().__init__(root, **fixed, **source_kwargs)
+        super().__init__(root, **source_kwargs)
         self.params = {
             "dataset": "SyntheticShapes",
             "generator_version": GENERATOR_VERSION,
@@ -308,11 +307,6 @@ class SyntheticShapes(SegmentationSource):
             finally:
                 shutil.rmtree(graveyard, ignore_errors=True)
         raise RuntimeError(f"Could not publish the generated dataset to {self.root} (concurrent writers?)")
-
-
-def _plain(value):
-    """Config containers (e.g. OmegaConf ListConfig) compared as plain lists."""
-    return value if isinstance(value, (int, str)) else list(value)
 
 
 def _read_meta(directory: Path) -> dict:

@@ -14,17 +14,44 @@ MODES = ("whole", "center_crop", "sliding")
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    """How a validation image is fed to the network (ALGORITHM.md §4: VOC center crop, Cityscapes sliding)."""
+    """How a validation image is fed to the network (ALGORITHM.md §4: VOC center crop, Cityscapes sliding),
+    and which of a method's models are evaluated during training."""
 
     mode: str = "whole"
     crop_size: int = 513
     stride: int = 513
+    #: "reported", "all" (Table 6: teacher, student and assistant) or a list of model names
+    models: str | Sequence[str] = "reported"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"eval.mode must be one of {MODES}, got '{self.mode}'")
         if self.stride <= 0 or self.crop_size <= 0:
-            raise ValueError(f"eval.crop_size and eval.stride must be positive, got {self.crop_size}, {self.stride}")
+            raise ValueError(
+                f"eval.crop_size and eval.stride must be positive, got {self.crop_size}, {self.stride}"
+            )
+        if self.mode == "sliding" and self.stride > self.crop_size:
+            raise ValueError(
+                f"eval.stride={self.stride} > eval.crop_size={self.crop_size} would leave pixels between "
+                "sliding windows unpredicted; use a stride <= the window"
+            )
+        if isinstance(self.models, str) and self.models not in ("reported", "all"):
+            object.__setattr__(self, "models", (self.models,))  # one model name
+        elif not isinstance(self.models, str):
+            object.__setattr__(self, "models", tuple(str(m) for m in self.models))
+
+    def select(self, models: dict[str, nn.Module], reported: str) -> dict[str, nn.Module]:
+        """The models to evaluate, in the method's order; ``reported`` is always one of them."""
+        if self.models == "all":
+            return dict(models)
+        wanted = {reported} if self.models == "reported" else {reported, *self.models}
+        unknown = sorted(wanted - set(models))
+        if unknown:
+            raise ValueError(
+                f"eval.models names {unknown}, which this method does not evaluate; choose 'reported', 'all' "
+                f"or a list from {list(models)}"
+            )
+        return {name: model for name, model in models.items() if name in wanted}
 
 
 def center_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +67,9 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
     return starts + [length - window]
 
 
-def sliding_logits(model: nn.Module, image: torch.Tensor, window: int, stride: int, num_classes: int) -> torch.Tensor:
+def sliding_logits(
+    model: nn.Module, image: torch.Tensor, window: int, stride: int, num_classes: int
+) -> torch.Tensor:
     """Average the logits of overlapping ``window``-sized crops; windows are clipped to the image."""
     b, _, h, w = image.shape
     logits = image.new_zeros(b, num_classes, h, w)
@@ -54,7 +83,9 @@ def sliding_logits(model: nn.Module, image: torch.Tensor, window: int, stride: i
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, image: torch.Tensor, protocol: EvalProtocol, num_classes: int) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, image: torch.Tensor, protocol: EvalProtocol, num_classes: int
+) -> torch.Tensor:
     if protocol.mode == "sliding":
         return sliding_logits(model, image, protocol.crop_size, protocol.stride, num_classes)
     return model(image).float()
@@ -71,19 +102,32 @@ def confusion_matrices(
 ) -> dict[str, torch.Tensor]:
     """One pass over the validation data, every model on every image; rows are truth, columns prediction."""
     meters = {
-        name: MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False).to(device)
+        name: MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)
         for name in models
     }
+    meters = {name: meter.to(device) for name, meter in meters.items()}
     for model in models.values():
         model.eval()
-    for image, mask in batches:
+    for image, mask in _flatten(batches):
         image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         if protocol.mode == "center_crop":
             image, mask = center_crop(image, mask, protocol.crop_size)
         for name, model in models.items():
             pred = predict_logits(model, image, protocol, num_classes).argmax(dim=1)
             meters[name].update(pred, mask)
+    # In a distributed run compute() sums the matrices of all processes (torchmetrics syncs its state
+    # with dist_reduce_fx="sum"); each rank's validation loader holds a disjoint share (build_val_loader),
+    # so no image is counted twice.
     return {name: meter.compute() for name, meter in meters.items()}
+
+
+def _flatten(batches: Iterable) -> Iterable[Sequence[torch.Tensor]]:
+    """``(image, mask)`` batches; a validation loader yields a list of them when a batch mixes sizes."""
+    for batch in batches:
+        if isinstance(batch[0], torch.Tensor):
+            yield batch
+        else:
+            yield from batch
 
 
 def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ class Trainer:
             raise ValueError(f"nothing to train: trainer.iters={iters}, trainer.epochs={epochs}")
         self.eval_every, self.log_every, self.poly_power = eval_every, log_every, poly_power
         self.eval_protocol, self.num_classes, self.ignore_index = eval_protocol, num_classes, ignore_index
+        self.eval_models = eval_protocol.select(method.evaluated_models(), method.reported)  # fails early
         self.class_names = class_names
         self.run_dir = run_dir
         self.logger = logger or NullLogger()
@@ -98,10 +99,11 @@ class Trainer:
             step = it + 1
             if step % self.log_every == 0 or step == self.total_iters:
                 metrics = {f"train/{key}": float(total) / count for key, total in sums.items()}
-                metrics.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()})
+                metrics.update({f"lr/{n}": opt.param_groups[0]["lr"] for n, opt in self.optimizers.items()})
                 metrics["epoch"] = progress.epoch
                 self.logger.log_metrics(metrics, step=step)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("train/")})
+                shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("train/")}
+                bar.set_postfix(shown)
                 sums, count = {}, 0
             if (self.eval_every and step % self.eval_every == 0) or step == self.total_iters:
                 result = self.evaluate(step)
@@ -141,8 +143,8 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, step: int) -> EvalResult:
         confusion = confusion_matrices(
-            self.method.evaluated_models(), self.loaders.val, self.num_classes, self.ignore_index,
-            self.eval_protocol, self.device,
+            self.eval_models, self.loaders.val, self.num_classes, self.ignore_index, self.eval_protocol,
+            self.device,
         )
         ious = {name: iou_from_confusion(cm) for name, cm in confusion.items()}
         result = EvalResult(
@@ -151,15 +153,27 @@ class Trainer:
             iou={name: iou.tolist() for name, iou in ious.items()},
             confusion=confusion,
         )
-        metrics = {"val/miou": result.miou[self.method.reported]}
+        self.history.append(result)
+        reported = self.method.reported
+        metrics = {"val/miou": result.miou[reported], "val/best_miou": self.best.miou[reported]}
         for name, iou in ious.items():
             metrics[f"val/{name}/miou"] = result.miou[name]
             metrics.update(
-                {f"val/{name}/iou/{cls}": float(v) for cls, v in zip(self.class_names, iou, strict=False) if not v.isnan()}
+                {
+                    f"val/{name}/iou/{cls}": float(v)
+                    for cls, v in zip(self.class_names, iou, strict=True)
+                    if not v.isnan()
+                }
             )
         self.logger.log_metrics(metrics, step=step)
-        self.history.append(result)
         return result
+
+    @property
+    def best(self) -> EvalResult:
+        """The evaluation with the highest mIoU of the reported model (the earliest of equals)."""
+        if not self.history:
+            raise RuntimeError("no evaluation has run yet")
+        return max(self.history, key=lambda r: r.miou[self.method.reported])
 
     def save_reported_model(self) -> Path:
         """The final weights of the model the method reports (the teacher for GTA-Seg and Mean Teacher)."""

@@ -33,14 +33,17 @@ class Segmenter(nn.Module):
     ) -> None:
         super().__init__()
         kwargs = {"encoder_output_stride": output_stride, "decoder_channels": decoder_channels}
+        weights: str | bool | None = encoder_weights
+        if encoder_name.startswith("tu-") and encoder_weights is not None:
+            weights = True  # timm encoders take their pretrained tag from the name (tu-<model>.<tag>)
         self.net = smp.create_model(
-            arch, encoder_name=encoder_name, encoder_weights=encoder_weights, classes=num_classes, **kwargs
+            arch, encoder_name=encoder_name, encoder_weights=weights, classes=num_classes, **kwargs
         )
-        if weights_path is not None:
-            self._load_encoder_weights(Path(weights_path))
         self.num_classes = num_classes
         self.arch = arch
         self.encoder_name = encoder_name
+        if weights_path is not None:
+            self._load_encoder_weights(Path(weights_path))
         # The encoder downsamples by 32 at most; the decoder fuses a 1/4 feature map with upsampled
         # deeper ones, so inputs must be multiples of the deepest reduction.
         self.size_divisor = 32
@@ -54,15 +57,28 @@ class Segmenter(nn.Module):
                 )
 
     def _load_encoder_weights(self, path: Path) -> None:
+        """ImageNet weights from a local file: a torchvision/timm classification checkpoint (``.pth``,
+        ``.bin`` or ``.safetensors``) whose classifier is ignored. Every encoder tensor must be in it."""
         if not path.is_file():
             raise FileNotFoundError(f"model.weights_path: no file at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        missing, unexpected = self.net.encoder.load_state_dict(state, strict=False)
-        if len(missing) == len(self.net.encoder.state_dict()):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+        encoder = self.net.encoder
+        expected = encoder.state_dict()
+        if not expected.keys() & state.keys() and all(k.startswith("model.") for k in expected):
+            state = {f"model.{k}": v for k, v in state.items()}  # smp wraps timm encoders as `.model`
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from old checkpoints
+        if missing:
             raise ValueError(
-                f"model.weights_path {path}: no tensor matches the {self.encoder_name} encoder "
-                f"(first unexpected keys: {unexpected[:5]})"
+                f"model.weights_path {path} does not fit the {self.encoder_name} encoder: {len(missing)} of "
+                f"its {len(expected)} tensors are missing (first: {missing[:3]}; first unexpected keys in "
+                f"the file: {unexpected[:3]})"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""The ``eval`` command: evaluate a saved model offline with any protocol.
+
+``python -m gta eval checkpoint=outputs/<date>/<time>/teacher.pt eval.mode=sliding`` rebuilds the dataset
+and network from the run's resolved ``config.yaml`` and prints mIoU and per-class IoU.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gta.data import build_val_loader
+from gta.engine.evaluate import confusion_matrices, iou_from_confusion
+from gta.engine.runtime import resolve_device
+
+RUN_CONFIG = "config.yaml"
+#: what conf/eval.yaml may change in the run's config
+OVERRIDABLE = (
+    "dataset.root", "eval.mode", "eval.crop_size", "eval.stride", "data.val_batch_size", "data.num_workers",
+    "device",
+)  # fmt: skip
+
+
+def find_run_config(checkpoint: Path, config: str | None) -> Path:
+    """``config`` if given, else the run's config.yaml beside the checkpoint or one directory up (for
+    training-state checkpoints kept in ``<run_dir>/checkpoints/``)."""
+    if config is not None:
+        candidates = [Path(config).expanduser()]
+    else:
+        candidates = [checkpoint.parent / RUN_CONFIG, checkpoint.parent.parent / RUN_CONFIG]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"No run config for {checkpoint}: looked for {', '.join(map(str, candidates))}. Pass config=PATH "
+        "(the config.yaml a training run writes to its run directory)"
+    )
+
+
+def load_model_state(checkpoint: Path, model_name: str) -> dict[str, torch.Tensor]:
+    """A Segmenter state_dict: the file itself, or ``models[model_name]`` of a training-state checkpoint."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint: no file at {checkpoint}")
+    try:
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # A training-state checkpoint may also hold objects (e.g. numpy RNG states) that the
+            # restricted loader refuses; it is the user's own run, so load it in full.
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch reports truncated or foreign files in many ways
+        raise ValueError(f"checkpoint {checkpoint} cannot be read as a PyTorch file: {err}") from err
+    if isinstance(state, dict) and isinstance(state.get("models"), dict):
+        if model_name not in state["models"]:
+            raise KeyError(
+                f"checkpoint {checkpoint} holds the models {sorted(state['models'])}, not '{model_name}'; "
+                "choose one with model_name=..."
+            )
+        state = state["models"][model_name]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {checkpoint} is neither a model state_dict nor a dict with 'models'")
+    return state
+
+
+def run_config(cfg: DictConfig) -> DictConfig:
+    """The training run's config with this command's non-null values laid over it."""
+    run_cfg = OmegaConf.load(find_run_config(Path(cfg.checkpoint).expanduser(), cfg.config))
+    OmegaConf.set_struct(run_cfg, False)
+    for key in OVERRIDABLE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            OmegaConf.update(run_cfg, key, value, merge=False)
+    return run_cfg
+
+
+def run(cfg: DictConfig) -> float:
+    checkpoint = Path(cfg.checkpoint).expanduser()
+    state = load_model_state(checkpoint, cfg.model_name)
+    run_cfg = run_config(cfg)
+    device = resolve_device(run_cfg.get("device", "auto"))
+
+    source = instantiate(run_cfg.dataset)
+    # The weights come from the checkpoint: never download or read pretrained encoder weights.
+    model = instantiate(run_cfg.model, encoder_weights=None, weights_path=None)
+    incompatible = model.load_state_dict(state, strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit the run's model ({run_cfg.model.arch}/"
+            f"{run_cfg.model.encoder_name}): missing {incompatible.missing_keys[:3]}, unexpected "
+            f"{incompatible.unexpected_keys[:3]}"
+        )
+    protocol = instantiate(run_cfg.eval)
+    data = run_cfg.get("data", {})
+    val = build_val_loader(
+        source, source.pools()["val"], batch_size=data.get("val_batch_size", 1),
+        num_workers=data.get("num_workers", 0), pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    confusion = confusion_matrices(
+        {"model": model.to(device)}, val, source.num_classes, source.ignore_index, protocol, device
+    )["model"]
+    iou = iou_from_confusion(confusion.cpu())
+    miou = float(iou.nanmean())
+
+    window = "" if protocol.mode == "whole" else f" {protocol.crop_size}"
+    window += f" stride {protocol.stride}" if protocol.mode == "sliding" else ""
+    print(f"\n{checkpoint} on {type(source).__name__}: {len(val.dataset)} images, {protocol.mode}{window}")
+    width = max(len(name) for name in source.class_names)
+    for name, value in zip(source.class_names, iou.tolist(), strict=True):
+        shown = "    n/a" if value != value else f"{value:7.2%}"  # NaN: in neither truth nor prediction
+        print(f"  {name:<{width}} {shown}")
+    print(f"  {'mIoU':<{width}} {miou:7.2%}")
+    return miou

@@ -1,0 +1,95 @@
+"""``python -m gta eval``: a saved model evaluated offline, from a state_dict or a training-state checkpoint,
+with the run's config and any protocol."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from layouts import TINY, write_folder
+
+from gta.cli import CONF_DIR
+from gta.config import PROJECT_ROOT, register_configs
+from gta.eval import run as evaluate
+from gta.train import run as train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_conf():
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, float]:
+    """(dataset root, run directory, last validation mIoU) of a one-iteration SupOnly run on folder data."""
+    base = tmp_path_factory.mktemp("eval")
+    root = write_folder(base / "mine")
+    overrides = ["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3", "split=2",
+                 "method=suponly", *TINY, "trainer.iters=1"]  # fmt: skip
+    last = train(compose("train", overrides=overrides), run_dir=base / "run")
+    return root, base / "run", last
+
+
+def test_eval_reproduces_the_runs_last_evaluation_and_takes_overrides(trained):
+    _, run_dir, last = trained
+    checkpoint = f"checkpoint={run_dir / 'student.pt'}"
+    assert evaluate(compose("eval", overrides=[checkpoint])) == pytest.approx(last, abs=1e-9)
+    sliding = ["eval.mode=sliding", "eval.crop_size=24", "eval.stride=16", "data.val_batch_size=1"]
+    assert 0 <= evaluate(compose("eval", overrides=[checkpoint, *sliding])) <= 1
+
+
+def test_eval_takes_a_training_state_checkpoint(trained, tmp_path):
+    _, run_dir, last = trained
+    state = torch.load(run_dir / "student.pt", weights_only=True)
+    # a copy of the run directory with the checkpoint one level down, as checkpoints/last.pt
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (tmp_path / "checkpoints").mkdir()
+    rng = np.random.default_rng(0).bit_generator.state  # training state may hold more than tensors
+    training_state = {"models": {"student": state}, "step": 1, "rng": rng, "ema": np.zeros(2)}
+    torch.save(training_state, tmp_path / "checkpoints" / "last.pt")
+    checkpoint = f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}"
+    assert evaluate(compose("eval", overrides=[checkpoint, "model_name=student"])) == pytest.approx(last)
+    with pytest.raises(KeyError, match=r"holds the models \['student'\], not 'teacher'"):
+        evaluate(compose("eval", overrides=[checkpoint]))
+
+
+def test_eval_errors_name_what_is_missing(trained, tmp_path):
+    _, run_dir, _ = trained
+    with pytest.raises(FileNotFoundError, match="No run config"):
+        no_config = [f"checkpoint={run_dir / 'student.pt'}", f"config={tmp_path}/no.yaml"]
+        evaluate(compose("eval", overrides=no_config))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint: no file at .*absent\.pt"):
+        evaluate(compose("eval", overrides=[f"checkpoint={tmp_path / 'absent.pt'}"]))
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"broken\.pt cannot be read"):
+        evaluate(compose("eval", overrides=[f"checkpoint={tmp_path / 'broken.pt'}"]))
+    torch.save({"net.other.weight": torch.zeros(1)}, tmp_path / "foreign.pt")
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    with pytest.raises(ValueError, match=r"foreign\.pt does not fit the run's model"):
+        evaluate(compose("eval", overrides=[f"checkpoint={tmp_path / 'foreign.pt'}"]))
+
+
+@pytest.mark.slow
+def test_eval_command_line(trained, tmp_path):
+    """``python -m gta eval checkpoint=...`` with the dataset moved: root and protocol overridden."""
+    root, run_dir, _ = trained
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    try:
+        command = [sys.executable, "-m", "gta", "eval", f"checkpoint={run_dir / 'student.pt'}",
+                   f"dataset.root={moved}", "eval.mode=center_crop", "eval.crop_size=32", "device=cpu",
+                   f"hydra.run.dir={tmp_path / 'eval'}"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        moved.rename(root)
+    assert done.returncode == 0, done.stderr
+    assert "center_crop 32" in done.stdout and "class_2" in done.stdout and "mIoU" in done.stdout
