@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+
+from gta.engine.signals import STOP_SIGNALS
 
 from .sampler import EpochSampler, derive_seed
 from .source import Sample, SegmentationFiles, SegmentationSource
@@ -167,6 +170,12 @@ class Loaders:
     iters_per_epoch: int
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Schedulers signal every process of a job; the main process checkpoints, then ends its workers."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class _PositionedSampler(EpochSampler):
     """Yields ``(epoch, position, index)``: each index carries its place in the epoch to the dataset."""
 
@@ -256,6 +265,7 @@ def build_loaders(
             drop_last=True,
             # A private generator, so creating iterators does not consume the global RNG.
             generator=torch.Generator().manual_seed(derive_seed(seed, stream, rank, 1)),
+            worker_init_fn=_ignore_stop_signals,
             **common,
         )
 
