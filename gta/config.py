@@ -156,6 +156,8 @@ class TrainerConfig:
     poly_power: float = 0.9
     #: write <run dir>/checkpoints/last.pt every N iterations (0: only at the end and on stop signals)
     checkpoint_every: int = 500
+    #: on a NaN/inf loss: "stop" (fail naming model, loss and iteration) or "skip" the optimiser step
+    on_nonfinite: str = "stop"
 
 
 @dataclass

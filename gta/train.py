@@ -81,7 +81,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             poly_power=cfg.trainer.poly_power, device=device, eval_protocol=instantiate(cfg.eval),
             num_classes=source.num_classes, ignore_index=source.ignore_index,
             class_names=list(source.class_names), run_dir=run_dir, logger=logger,
-            checkpoint_every=cfg.trainer.checkpoint_every,
+            checkpoint_every=cfg.trainer.checkpoint_every, on_nonfinite=cfg.trainer.on_nonfinite,
         )
         if state is not None:
             trainer.resume(state, checkpoint)

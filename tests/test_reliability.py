@@ -28,7 +28,7 @@ from gta.engine import checkpoint as ckpt
 from gta.engine.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_models
 from gta.engine.evaluate import EvalProtocol
 from gta.engine.signals import TrainingInterrupted
-from gta.engine.trainer import Trainer
+from gta.engine.trainer import NonFiniteLossError, Trainer
 from gta.methods import GTASeg
 from gta.methods.ema import EMA
 from gta.methods.reweight import Confidence
@@ -142,6 +142,40 @@ def test_best_checkpoint_is_kept(source, tmp_path):
     assert best["best"] == {"step": max(scores, key=scores.get), "miou": max(scores.values())}
     assert best["iteration"] == best["best"]["step"]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["best"] == best["best"]
+
+
+# --- non-finite losses --------------------------------------------------------------------------------------
+
+
+class NaNAt(GTASeg):
+    """GTA-Seg whose assistant loss turns NaN at the 5th iteration."""
+
+    def training_step(self, batch, progress, update):
+        def poisoned(name, loss):
+            update(name, loss * float("nan") if name == "assistant" and progress.iteration == 4 else loss)
+
+        return super().training_step(batch, progress, poisoned)
+
+
+def test_nonfinite_loss_stops_and_the_last_checkpoint_stays_good(source, tmp_path):
+    trainer = make_trainer(source, tmp_path, method_cls=NaNAt, checkpoint_every=2)
+    last = tmp_path / "checkpoints" / "last.pt"
+    expected = rf"non-finite loss nan for model 'assistant' at iteration 5.*{last} \(iteration 4\), is intact"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        trainer.fit()
+    state = load_checkpoint(last)
+    assert state["iteration"] == 4
+    tensors = [t for weights in state["models"].values() for t in weights.values() if t.is_floating_point()]
+    assert all(t.isfinite().all() for t in tensors)
+
+
+def test_nonfinite_loss_skip_leaves_the_weights_finite(source, tmp_path):
+    trainer = make_trainer(source, tmp_path, method_cls=NaNAt, on_nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="'assistant' at iteration 5; step skipped"):
+        trainer.fit()
+    assert all(p.isfinite().all() for p in trainer.method.parameters())
+    with pytest.raises(ValueError, match=r"on_nonfinite must be one of \('stop', 'skip'\), got 'ignore'"):
+        make_trainer(source, tmp_path, on_nonfinite="ignore")
 
 
 # --- checkpoint files ---------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ the interrupted one stopped (see ``gta.engine.checkpoint``).
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,13 @@ class EvalResult:
     confusion: dict[str, torch.Tensor] = field(repr=False)
 
 
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss was NaN or infinite (``trainer.on_nonfinite=stop``)."""
+
+
 def param_groups(model: nn.Module, decoder_lr_mult: float) -> list[dict]:
     groups = getattr(model, "param_groups", None)
     return groups(decoder_lr_mult) if callable(groups) else [{"params": list(model.parameters())}]
@@ -68,6 +77,7 @@ class Trainer:
         run_dir: Path,
         logger: Logger | None = None,
         checkpoint_every: int = 0,
+        on_nonfinite: str = "stop",
     ) -> None:
         self.method = method.to(device)
         self.loaders = loaders
@@ -85,7 +95,9 @@ class Trainer:
         self.run_dir = run_dir
         self.logger = logger or NullLogger()
         self.history: list[EvalResult] = []
-        self.checkpoint_every = checkpoint_every
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"trainer.on_nonfinite must be one of {ON_NONFINITE}, got '{on_nonfinite}'")
+        self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
         self.checkpoints = Checkpointer(run_dir / "checkpoints")
         self.models = {**method.evaluated_models(), **method.trained_models()}
         distinct = {id(m): m for m in self.models.values()}.values()
@@ -93,8 +105,10 @@ class Trainer:
             raise ValueError(f"{type(method).__name__} keeps state outside its models; checkpoints miss it")
         self.start_iter = 0  # iterations already done (after resume)
         self.best: dict | None = None  # {"step", "miou"} of the best evaluation of the reported model
+        self.saved: tuple[Path, int] | None = None  # the last checkpoint written and its iteration
         self._sums: dict[str, torch.Tensor] = {}  # losses summed since the last log step
         self._count = 0
+        self._iteration = 0
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self) -> EvalResult:
@@ -110,6 +124,7 @@ class Trainer:
         bar = tqdm(range(self.start_iter, self.total_iters), desc="train", dynamic_ncols=True,
                    initial=self.start_iter, total=self.total_iters)
         for it in bar:
+            self._iteration = it + 1
             progress = Progress(it, self.loaders.iters_per_epoch, self.total_iters)
             factor = poly_factor(it, self.total_iters, self.poly_power)
             for name, opt in self.optimizers.items():
@@ -148,6 +163,21 @@ class Trainer:
         return self.history[-1]
 
     def _update(self, name: str, loss: torch.Tensor) -> None:
+        # One host sync per step; it keeps a NaN out of the weights (and out of every later checkpoint).
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            message = f"non-finite loss {value} for model '{name}' at iteration {self._iteration}"
+            if self.on_nonfinite == "skip":
+                warnings.warn(f"{message}; step skipped (trainer.on_nonfinite=skip)", RuntimeWarning, 3)
+                return
+            kept = (
+                f"the last checkpoint, {self.saved[0]} (iteration {self.saved[1]}), is intact"
+                if self.saved else "no checkpoint had been written yet"
+            )
+            raise NonFiniteLossError(
+                f"{message}; training stopped and {kept}. Lower the learning rate, or set "
+                "trainer.on_nonfinite=skip to skip such steps"
+            )
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,7 +253,9 @@ class Trainer:
         }
 
     def save_checkpoint(self, step: int) -> Path:
-        return self.checkpoints.save(self.state_dict(step))
+        path = self.checkpoints.save(self.state_dict(step))
+        self.saved = (path, step)
+        return path
 
     def resume(self, state: dict, source: Path | str) -> None:
         """Restore a :meth:`state_dict`; :meth:`fit` then continues after its iteration."""
@@ -242,6 +274,7 @@ class Trainer:
         self.start_iter, self.best = state["iteration"], state["best"]
         self._sums = {k: v.to(self.device) for k, v in state["metrics"]["sums"].items()}
         self._count = state["metrics"]["count"]
+        self.saved = (Path(source), state["iteration"])
         set_rng_state(state["rng"])
 
     def save_reported_model(self) -> Path:
