@@ -285,6 +285,88 @@ def test_bad_resume_path_and_unwritable_run_directory(hydra_conf, tmp_path):
         run(cfg, tmp_path / "a-file" / "run")
 
 
+# --- tracking -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    from mlflow.utils.file_utils import path_to_local_sqlite_uri
+
+    return path_to_local_sqlite_uri(tmp_path_factory.mktemp("store") / "mlflow.db")
+
+
+def tracked(store: str, tmp_path: Path, experiment: str) -> list[str]:
+    return [
+        *TINY, "logger=mlflow", f"logger.tracking_uri={store}", f"logger.experiment_name={experiment}",
+        f"dataset.root={tmp_path}/data", "trainer.iters=6", "trainer.log_every=1", "trainer.eval_every=0",
+    ]
+
+
+def steps(client, run_id: str, key: str = "train/loss_l") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_tracking_failing_mid_run_loses_no_metrics(hydra_conf, store, tmp_path, monkeypatch):
+    import json
+
+    from mlflow import MlflowClient
+
+    from gta.train import run
+
+    log_batch = MlflowClient.log_batch
+
+    def server_gone_after_step_2(self, run_id, metrics=(), *args, **kwargs):
+        if any(m.step > 2 for m in metrics):
+            raise ConnectionError("tracking server went away")
+        return log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", server_gone_after_step_2)
+    with pytest.warns(RuntimeWarning) as record:
+        run(compose("train", overrides=tracked(store, tmp_path, "flaky")), tmp_path / "run")
+    monkeypatch.undo()
+    fallback = tmp_path / "run" / "unsent_metrics.jsonl"
+    messages = " ".join(str(w.message) for w in record)
+    assert "tracking server went away; keeping them in memory and retrying" in messages
+    assert f"written to {fallback}" in messages
+
+    client = MlflowClient(store)
+    (tracking_run,) = client.search_runs([client.get_experiment_by_name("flaky").experiment_id])
+    unsent = [json.loads(line) for line in fallback.read_text().splitlines()]
+    assert steps(client, tracking_run.info.run_id) == [1, 2]
+    assert sorted(r["step"] for r in unsent if r["key"] == "train/loss_l") == [3, 4, 5, 6]
+    assert {r["run_id"] for r in unsent} == {tracking_run.info.run_id}
+
+
+def test_resume_continues_the_same_tracking_run(hydra_conf, store, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from gta.tracking.mlflow import MLflowLogger
+    from gta.train import run
+
+    log_metrics = MLflowLogger.log_metrics
+
+    def stop_after_step_3(self, metrics, step):
+        log_metrics(self, metrics, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    cfg = compose("train", overrides=tracked(store, tmp_path, "resumed"))
+    monkeypatch.setattr(MLflowLogger, "log_metrics", stop_after_step_3)
+    with pytest.raises(SystemExit) as stopped:
+        run(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    run_id = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["run_id"]
+    client = MlflowClient(store)
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    run(cfg, tmp_path / "run")
+    experiment = client.get_run(run_id).info.experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert steps(client, run_id) == [1, 2, 3, 4, 5, 6]  # each step once, in one run
+
+
 # --- end to end: kill the command ---------------------------------------------------------------------------
 
 
