@@ -168,6 +168,8 @@ class MLflowConfig:
     run_name: str | None = None
     #: where metrics that could not be sent are written (null: the run directory)
     fallback_dir: str | None = None
+    #: continue this MLflow run (null: a new run, or the run recorded in the checkpoint being resumed)
+    run_id: str | None = None
 
 
 # --- engine ----------------------------------------------------------------------------------------
@@ -184,6 +186,10 @@ class TrainerConfig:
     decoder_lr_mult: float = 10.0
     #: poly schedule: lr = lr0 * (1 - t/T) ** power
     poly_power: float = 0.9
+    #: write <run dir>/checkpoints/last.pt every N iterations (0: only at the end and on stop signals)
+    checkpoint_every: int = 500
+    #: on a NaN/inf loss: "stop" (fail naming model, loss and iteration) or "skip" the optimiser step
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -227,6 +233,8 @@ class TrainConfig:
     seed: int = 0
     #: "auto" (CUDA when available), "cpu" or "cuda"
     device: str = "auto"
+    #: checkpoint to continue from; null: <run dir>/checkpoints/last.pt if it exists; "never": start afresh
+    resume: str | None = None
 
 
 @dataclass

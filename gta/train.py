@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -9,7 +10,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gta.data import build_loaders, select_split, write_split
+from gta.engine.checkpoint import LAST, load_checkpoint
 from gta.engine.runtime import ensure_writable, resolve_device, seed_everything
+from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
 from gta.tracking import flatten_config
 
@@ -26,8 +29,27 @@ def parse_split(split) -> int | str:
     raise ValueError(f"split must be a number of labeled images or 'all', got '{split}'")
 
 
+def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """``resume=PATH``; by default the run directory's own ``checkpoints/last.pt`` if there is one (a re-run
+    of the same command, or a requeued SLURM job); ``resume=never`` starts afresh."""
+    if resume == "never":
+        return None
+    if resume is None:
+        last = run_dir / "checkpoints" / LAST
+        return last if last.is_file() else None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resume={resume}: no checkpoint file there. Give a checkpoint (e.g. <run dir>/checkpoints/"
+            "last.pt), null to continue from the run directory's own, or never to start afresh"
+        )
+    return path
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     run_dir = ensure_writable(Path(run_dir or output_dir()))
+    checkpoint = find_checkpoint(cfg.resume, run_dir)
+    state = load_checkpoint(checkpoint) if checkpoint else None  # a bad file fails before any work
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
 
@@ -41,7 +63,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     )
 
     name = f"{type(method).__name__}-{type(source).__name__}-split{cfg.split}-seed{cfg.seed}"
-    defaults = {"run_name": name, "fallback_dir": str(run_dir)}
+    # On resume the checkpoint's tracking run continues, so one run holds the whole history.
+    defaults = {"run_name": name, "fallback_dir": str(run_dir), "run_id": state["run_id"] if state else None}
     logger = instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
     try:
         logger.log_params(flatten_config(cfg))
@@ -58,9 +81,21 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             poly_power=cfg.trainer.poly_power, device=device, eval_protocol=instantiate(cfg.eval),
             num_classes=source.num_classes, ignore_index=source.ignore_index,
             class_names=list(source.class_names), run_dir=run_dir, logger=logger,
+            checkpoint_every=cfg.trainer.checkpoint_every, on_nonfinite=cfg.trainer.on_nonfinite,
         )
+        if state is not None:
+            trainer.resume(state, checkpoint)
+            print(f"resuming from {checkpoint} after iteration {trainer.start_iter}", file=sys.stderr)
+            del state
         result = trainer.fit()
         logger.log_artifact(trainer.save_reported_model())
+    except TrainingInterrupted as stop:
+        logger.close("KILLED")
+        print(stop, file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None  # the status a shell reports for that signal
+    except (KeyboardInterrupt, SystemExit):
+        logger.close("KILLED")
+        raise
     except BaseException:
         logger.close("FAILED")
         raise
@@ -72,7 +107,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         marker = "  <- reported" if model_name == method.reported else ""
         print(f"  val mIoU {model_name:<9} {value:7.2%}{marker}  (last, step {result.step})")
     best = trainer.best
-    print(f"  best     {method.reported:<9} {best.miou[method.reported]:7.2%}  (step {best.step})")
+    print(f"  best     {method.reported:<9} {best['miou']:7.2%}  (step {best['step']})")
     print(f"  wall time {trainer.wall_time:.0f} s")
     print(f"  run files  {run_dir}")
     print(f"  logged to  {logger.location}")

@@ -279,6 +279,14 @@ def test_split_dir_unknown_entry_is_named(shapes, tmp_path):
         select_split(shapes, "all", split_dir=tmp_path)
 
 
+def test_split_sample_without_an_image_is_named(tmp_path):
+    source = SyntheticShapes(tmp_path / "shapes", **TINY)
+    source.pools()
+    (tmp_path / "shapes" / "images" / "unl_00003.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 files .*\n  unl_00003: .*unl_00003\.png"):
+        select_split(source, 4)
+
+
 # --- loaders ------------------------------------------------------------------------------------------------
 
 
@@ -305,6 +313,23 @@ def test_build_loaders_augmentation_depends_on_epoch_not_history(shapes):
         loaders.labeled.sampler.set_epoch(epoch)
         runs.append(torch.cat([x for x, _ in loaders.labeled]))
     assert torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_build_loaders_resume_mid_epoch_draws_the_same_augmentations(shapes, num_workers):
+    split = select_split(shapes, 4)
+    loaders = build_loaders(shapes, split, batch_size=2, num_workers=num_workers, seed=0, need_unlabeled=True)
+    loader = loaders.unlabeled
+    loader.sampler.set_epoch(3)
+    full = [u for u, _ in loader]
+    loader.sampler.set_epoch(3, start=2 * 4)  # skip the first 4 batches, as a resumed run does
+    rest = [u for u, _ in loader]
+    assert len(rest) == len(full) - 4
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], rest, strict=True))
+    before = torch.get_rng_state()
+    loaders.labeled.sampler.set_epoch(0)
+    next(iter(loaders.labeled))
+    assert torch.equal(torch.get_rng_state(), before)  # loading leaves the training RNG alone
 
 
 def test_build_loaders_val_shards_and_unlabeled_not_opened(shapes):

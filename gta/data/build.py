@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
+
+from gta.engine.signals import STOP_SIGNALS
 
 from .sampler import EpochSampler, derive_seed
 from .source import Sample, SegmentationFiles, SegmentationSource, read_list
@@ -121,7 +125,20 @@ def select_split(
     missing_masks = [s.id for s in result.labeled if s.mask is None]
     if missing_masks:
         raise ValueError(f"Labeled samples without a mask in {source.root}: {missing_masks[:5]}")
+    _check_files_exist(result)
     return result
+
+
+def _check_files_exist(split: SplitData) -> None:
+    """Fail before training when a listed image or mask is absent, rather than hours into a run."""
+    # Unlabeled samples are used without their masks, which therefore need not exist.
+    needed = [(s.id, p) for s in split.labeled + split.val for p in (s.image, s.mask)]
+    needed += [(s.id, s.image) for s in split.unlabeled]
+    missing = [f"{sample_id}: {path}" for sample_id, path in needed if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} files listed for this split do not exist, e.g.\n  " + "\n  ".join(missing[:5])
+        )
 
 
 def write_split(split: SplitData, directory: str | Path) -> list[Path]:
@@ -145,66 +162,49 @@ class Loaders:
     iters_per_epoch: int
 
 
-class _EpochState:
-    """(epoch, start) in shared memory, written by the sampler and read by dataset copies in workers."""
-
-    def __init__(self) -> None:
-        self.tensor = torch.zeros(2, dtype=torch.int64).share_memory_()
-
-    def get(self) -> tuple[int, int]:
-        epoch, start = self.tensor.tolist()
-        return epoch, start
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Schedulers signal every process of a job; the main process checkpoints, then ends its workers."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
-class _TrackedEpochSampler(EpochSampler):
-    def __init__(self, *args, state: _EpochState, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._state = state
+class _PositionedSampler(EpochSampler):
+    """Yields ``(epoch, position, index)``: each index carries its place in the epoch to the dataset."""
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        super().set_epoch(epoch, start)
-        self._state.tensor.copy_(torch.tensor([epoch, start]))
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        for position, index in enumerate(self.indices()[self.start :], start=self.start):
+            yield self.epoch, position, index
 
 
-class _EpochSeeded(Dataset):
-    """Reseeds augmentation randomness whenever the epoch (or resume offset) changes.
+class _PerSampleSeeded(Dataset):
+    """Seeds each sample's augmentation from ``(seed, epoch, position in the epoch)``.
 
-    Persistent workers would otherwise carry their RNG state over from earlier epochs, so epoch e's
-    augmentations would depend on the run's history and a resumed run could not reproduce them. Here they
-    depend only on ``(seed, epoch, start, worker id)``. In the main process (``num_workers=0``) a private
-    RNG state is swapped in around each item so the training process's global RNG is left untouched.
+    A sample's augmentation then depends neither on what was loaded before nor on which worker loads it:
+    a run resumed mid-epoch (``set_epoch(epoch, start)``) draws exactly the augmentations the uninterrupted
+    run drew, for any ``num_workers``. In the main process (``num_workers=0``) the CPU RNG state is swapped
+    out around each item, so the training process's global RNG is left untouched.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, state: _EpochState) -> None:
+    def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
-        self.state = state
-        self._key: tuple[int, ...] | None = None
-        self._rng_state: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
-        worker = get_worker_info()
-        key = (*self.state.get(), 0 if worker is None else worker.id + 1)
-        if key != self._key:
-            self._key = key
-            seed = derive_seed(self.seed, *key)
-            if worker is None:
-                self._rng_state = torch.Generator().manual_seed(seed).get_state()
-            else:
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % 2**32)
-        if worker is not None:
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, position, index = key
+        seed = derive_seed(self.seed, epoch, position)
+        if get_worker_info() is not None:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
             return self.dataset[index]
         outer = torch.get_rng_state()
-        torch.set_rng_state(self._rng_state)
+        torch.set_rng_state(torch.Generator().manual_seed(seed).get_state())
         try:
             return self.dataset[index]
         finally:
-            self._rng_state = torch.get_rng_state()
             torch.set_rng_state(outer)
 
 
@@ -245,24 +245,19 @@ def build_loaders(
         files = SegmentationFiles(
             samples, augment, source.num_classes, source.ignore_index, source.label_lut, with_mask=with_mask
         )
-        state = _EpochState()
         # The order must be identical on all ranks (they take strided shares), so its seed ignores rank;
         # augmentation must differ per rank, so that seed includes it.
-        sampler = _TrackedEpochSampler(
-            len(samples),
-            iters_per_epoch * batch_size,
-            derive_seed(seed, stream),
-            rank,
-            world_size,
-            state=state,
+        sampler = _PositionedSampler(
+            len(samples), iters_per_epoch * batch_size, derive_seed(seed, stream), rank, world_size
         )
         return DataLoader(
-            _EpochSeeded(files, derive_seed(seed, stream, rank), state),
+            _PerSampleSeeded(files, derive_seed(seed, stream, rank)),
             batch_size=batch_size,
             sampler=sampler,
             drop_last=True,
             # A private generator, so creating iterators does not consume the global RNG.
             generator=torch.Generator().manual_seed(derive_seed(seed, stream, rank, 1)),
+            worker_init_fn=_ignore_stop_signals,
             **common,
         )
 

@@ -3,12 +3,15 @@
 The engine owns devices, optimisers, the learning-rate schedule, data, evaluation, logging and the
 progress bar. It knows nothing of teachers or pseudo-labels: it asks the method which models it trains,
 which it evaluates, and lets ``training_step`` call ``update(name, loss)`` whenever the algorithm takes
-an optimisation step.
+an optimisation step. Checkpoints hold the whole training state, so a resumed run continues exactly where
+the interrupted one stopped (see ``gta.engine.checkpoint``).
 """
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +21,17 @@ from torch import nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
+from gta.engine.checkpoint import (
+    FORMAT,
+    Checkpointer,
+    CheckpointError,
+    load_models,
+    rng_state,
+    set_rng_state,
+)
 from gta.engine.evaluate import EvalProtocol, confusion_matrices, iou_from_confusion
 from gta.engine.schedule import poly_factor, set_lr
+from gta.engine.signals import StopSignals, TrainingInterrupted
 from gta.methods.base import Batch, Method, Progress
 from gta.tracking import Logger, NullLogger
 
@@ -30,6 +42,13 @@ class EvalResult:
     miou: dict[str, float]
     iou: dict[str, list[float]]
     confusion: dict[str, torch.Tensor] = field(repr=False)
+
+
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss was NaN or infinite (``trainer.on_nonfinite=stop``)."""
 
 
 def param_groups(model: nn.Module, decoder_lr_mult: float) -> list[dict]:
@@ -57,6 +76,8 @@ class Trainer:
         class_names: list[str],
         run_dir: Path,
         logger: Logger | None = None,
+        checkpoint_every: int = 0,
+        on_nonfinite: str = "stop",
     ) -> None:
         self.method = method.to(device)
         self.loaders = loaders
@@ -75,16 +96,36 @@ class Trainer:
         self.run_dir = run_dir
         self.logger = logger or NullLogger()
         self.history: list[EvalResult] = []
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"trainer.on_nonfinite must be one of {ON_NONFINITE}, got '{on_nonfinite}'")
+        self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
+        self.checkpoints = Checkpointer(run_dir / "checkpoints")
+        self.models = {**method.evaluated_models(), **method.trained_models()}
+        distinct = {id(m): m for m in self.models.values()}.values()
+        if sum(len(m.state_dict()) for m in distinct) != len(method.state_dict()):
+            raise ValueError(f"{type(method).__name__} keeps state outside its models; checkpoints miss it")
+        self.start_iter = 0  # iterations already done (after resume)
+        self.best: dict | None = None  # {"step", "miou"} of the best evaluation of the reported model
+        self.saved: tuple[Path, int] | None = None  # the last checkpoint written and its iteration
+        self._sums: dict[str, torch.Tensor] = {}  # losses summed since the last log step
+        self._count = 0
+        self._iteration = 0
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self) -> EvalResult:
+        """Train up to ``total_iters``, from ``start_iter`` after :meth:`resume`. A stop signal received
+        meanwhile is honoured at the end of the iteration, after a checkpoint (``gta.engine.signals``)."""
+        with StopSignals() as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: StopSignals) -> EvalResult:
         started = time.perf_counter()
-        batches = self._batches()
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
+        batches = self._batches(self.start_iter)
         self.method.train()
-        bar = tqdm(range(self.total_iters), desc="train", dynamic_ncols=True)
+        bar = tqdm(range(self.start_iter, self.total_iters), desc="train", dynamic_ncols=True,
+                   initial=self.start_iter, total=self.total_iters)
         for it in bar:
+            self._iteration = it + 1
             progress = Progress(it, self.loaders.iters_per_epoch, self.total_iters)
             factor = poly_factor(it, self.total_iters, self.poly_power)
             for name, opt in self.optimizers.items():
@@ -94,43 +135,69 @@ class Trainer:
 
             # Losses stay on the device until a log step: one host sync per log_every iterations.
             for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
-            count += 1
+                self._sums[key] = self._sums.get(key, 0.0) + value.detach().float()
+            self._count += 1
             step = it + 1
             if step % self.log_every == 0 or step == self.total_iters:
-                metrics = {f"train/{key}": float(total) / count for key, total in sums.items()}
-                metrics.update({f"lr/{n}": opt.param_groups[0]["lr"] for n, opt in self.optimizers.items()})
+                metrics = {f"train/{key}": float(total) / self._count for key, total in self._sums.items()}
+                metrics.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()})
                 metrics["epoch"] = progress.epoch
                 self.logger.log_metrics(metrics, step=step)
-                shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("train/")}
-                bar.set_postfix(shown)
-                sums, count = {}, 0
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("train/")})
+                self._sums, self._count = {}, 0
             if (self.eval_every and step % self.eval_every == 0) or step == self.total_iters:
                 result = self.evaluate(step)
                 bar.write(f"step {step}: " + ", ".join(f"{n} mIoU {v:.2%}" for n, v in result.miou.items()))
+                self._keep_if_best(result)
                 self.method.train()
+            signum = stop.received
+            due = self.checkpoint_every and step % self.checkpoint_every == 0
+            if signum or due or step == self.total_iters:
+                path = self.save_checkpoint(step)
+            if signum and stop.hand_over():
+                bar.close()
+                raise TrainingInterrupted(signum, step, path)
         bar.close()
+        if not self.history:  # resumed from the final checkpoint: nothing left to train
+            self.evaluate(self.total_iters)
         self.wall_time = time.perf_counter() - started
         return self.history[-1]
 
     def _update(self, name: str, loss: torch.Tensor) -> None:
+        # One host sync per step; it keeps a NaN out of the weights (and out of every later checkpoint).
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            message = f"non-finite loss {value} for model '{name}' at iteration {self._iteration}"
+            if self.on_nonfinite == "skip":
+                warnings.warn(f"{message}; step skipped (trainer.on_nonfinite=skip)", RuntimeWarning, 3)
+                return
+            kept = (
+                f"the last checkpoint, {self.saved[0]} (iteration {self.saved[1]}), is intact"
+                if self.saved else "no checkpoint had been written yet"
+            )
+            raise NonFiniteLossError(
+                f"{message}; training stopped and {kept}. Lower the learning rate, or set "
+                "trainer.on_nonfinite=skip to skip such steps"
+            )
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    def _batches(self) -> Iterator[Batch]:
-        """Labeled and unlabeled batches in lock-step; an epoch is one pass of the unlabeled sampler."""
+    def _batches(self, start_iter: int = 0) -> Iterator[Batch]:
+        """Labeled and unlabeled batches in lock-step; an epoch is one pass of the unlabeled sampler.
+
+        Starts ``start_iter`` iterations in, skipping that far into the epoch's sampler (to resume)."""
         loaders = [self.loaders.labeled]
         if self.method.uses_unlabeled:
             loaders.append(self.loaders.unlabeled)
-        epoch = 0
+        epoch, offset = divmod(start_iter, self.loaders.iters_per_epoch)
         while True:
             for loader in loaders:
-                loader.sampler.set_epoch(epoch)
+                loader.sampler.set_epoch(epoch, offset * loader.batch_size)
             for parts in zip(*loaders, strict=False):
                 yield self._to_device(parts)
-            epoch += 1
+            epoch, offset = epoch + 1, 0
 
     def _to_device(self, parts) -> Batch:
         (image, mask), *unlabeled = parts
@@ -155,7 +222,8 @@ class Trainer:
         )
         self.history.append(result)
         reported = self.method.reported
-        metrics = {"val/miou": result.miou[reported], "val/best_miou": self.best.miou[reported]}
+        best = max(result.miou[reported], self.best["miou"] if self.best else float("-inf"))
+        metrics = {"val/miou": result.miou[reported], "val/best_miou": best}
         for name, iou in ious.items():
             metrics[f"val/{name}/miou"] = result.miou[name]
             metrics.update(
@@ -168,12 +236,53 @@ class Trainer:
         self.logger.log_metrics(metrics, step=step)
         return result
 
-    @property
-    def best(self) -> EvalResult:
-        """The evaluation with the highest mIoU of the reported model (the earliest of equals)."""
-        if not self.history:
-            raise RuntimeError("no evaluation has run yet")
-        return max(self.history, key=lambda r: r.miou[self.method.reported])
+    def _keep_if_best(self, result: EvalResult) -> None:
+        miou = result.miou[self.method.reported]
+        if self.best is None or miou > self.best["miou"]:
+            self.best = {"step": result.step, "miou": miou}
+            self.checkpoints.save(self.state_dict(result.step), best=True)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self, step: int) -> dict:
+        """Everything needed to continue after iteration ``step`` exactly (layout: gta.engine.checkpoint)."""
+        return {
+            "format": FORMAT,
+            "method": type(self.method).__name__,
+            "models": {name: model.state_dict() for name, model in self.models.items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "iteration": step,
+            "epoch": step // self.loaders.iters_per_epoch,
+            "iters_per_epoch": self.loaders.iters_per_epoch,
+            "rng": rng_state(),
+            "best": self.best,
+            "metrics": {"sums": {k: v.cpu() for k, v in self._sums.items()}, "count": self._count},
+            "run_id": self.logger.run_id,
+        }
+
+    def save_checkpoint(self, step: int) -> Path:
+        path = self.checkpoints.save(self.state_dict(step))
+        self.saved = (path, step)
+        return path
+
+    def resume(self, state: dict, source: Path | str) -> None:
+        """Restore a :meth:`state_dict`; :meth:`fit` then continues after its iteration."""
+        if state["iters_per_epoch"] != self.loaders.iters_per_epoch:
+            raise CheckpointError(
+                f"{source} was written with {state['iters_per_epoch']} iterations per epoch, this run has "
+                f"{self.loaders.iters_per_epoch}: resume with the same split, data.batch_size and dataset"
+            )
+        if state["iteration"] > self.total_iters:
+            raise CheckpointError(
+                f"{source} is at iteration {state['iteration']}, past the {self.total_iters} of this run"
+            )
+        load_models(self.models, state["models"], source)
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.start_iter, self.best = state["iteration"], state["best"]
+        self._sums = {k: v.to(self.device) for k, v in state["metrics"]["sums"].items()}
+        self._count = state["metrics"]["count"]
+        self.saved = (Path(source), state["iteration"])
+        set_rng_state(state["rng"])
 
     def save_reported_model(self) -> Path:
         """The final weights of the model the method reports (the teacher for GTA-Seg and Mean Teacher)."""

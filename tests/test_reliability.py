@@ -1,0 +1,430 @@
+"""Never lose a run: checkpoints, exact resume, stop signals, the non-finite guard and bad checkpoints.
+
+The in-process tests drive the Trainer with the tiny network of ``tests/tiny.py``; the end-to-end tests
+run ``python -m gta train`` in subprocesses and kill them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from tiny import TinySegmenter
+
+from gta.cli import CONF_DIR
+from gta.config import register_configs
+from gta.data import SyntheticShapes, build_loaders, select_split
+from gta.engine import checkpoint as ckpt
+from gta.engine.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_models
+from gta.engine.evaluate import EvalProtocol
+from gta.engine.signals import TrainingInterrupted
+from gta.engine.trainer import NonFiniteLossError, Trainer
+from gta.methods import GTASeg
+from gta.methods.ema import EMA
+from gta.methods.reweight import Confidence
+from gta.tracking import NullLogger
+
+ROOT = Path(__file__).resolve().parents[1]
+ITERS = 8  # 2 iterations per epoch: a warm-up epoch, then GTA-Seg proper across three epoch boundaries
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> SyntheticShapes:
+    shapes = SyntheticShapes(
+        tmp_path_factory.mktemp("data") / "shapes",
+        num_labeled_pool=8, num_unlabeled=0, num_val=4, image_size=32,
+    )
+    shapes.pools()
+    return shapes
+
+
+class Recorder(NullLogger):
+    """Keeps the logged metrics; can send this process a signal after logging a given step."""
+
+    def __init__(self, signal_at: tuple[int, int] | None = None) -> None:
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.signal_at = signal_at
+
+    def log_metrics(self, metrics, step):
+        self.metrics.setdefault(step, {}).update(metrics)
+        if self.signal_at and step == self.signal_at[0] and any(k.startswith("train/") for k in metrics):
+            os.kill(os.getpid(), self.signal_at[1])
+
+
+def make_trainer(source, run_dir: Path, method_cls=GTASeg, num_classes=6, logger=None, **kwargs) -> Trainer:
+    split = select_split(source, 4)
+    loaders = build_loaders(source, split, batch_size=2, num_workers=0, seed=0, need_unlabeled=True)
+    torch.manual_seed(0)
+    method = method_cls(
+        model=lambda: TinySegmenter(num_classes), ema=EMA(0.9), reweight=Confidence(), cutmix_prob=0.5
+    )
+    options = {"iters": ITERS, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, **kwargs}
+    return Trainer(
+        method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), epochs=1,
+        decoder_lr_mult=1.0, poly_power=0.9, device=torch.device("cpu"), eval_protocol=EvalProtocol(),
+        num_classes=6, ignore_index=255, class_names=source.class_names, run_dir=run_dir,
+        logger=logger or Recorder(), **options,
+    )
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_state(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+def test_stop_signal_checkpoints_and_resume_is_exact(source, tmp_path):
+    reference = make_trainer(source, tmp_path / "reference")
+    reference.fit()
+
+    stopped = make_trainer(source, tmp_path / "run", logger=Recorder(signal_at=(3, signal.SIGUSR1)))
+    with pytest.raises(TrainingInterrupted, match=r"SIGUSR1 after iteration 3.*last\.pt"):
+        stopped.fit()  # mid-epoch, just after the warm-up
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # our handler is gone again
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    assert (state["iteration"], state["epoch"], state["iters_per_epoch"]) == (3, 1, 2)
+
+    resumed = make_trainer(source, tmp_path / "run")
+    resumed.resume(state, last)
+    resumed.fit()
+    assert_same_state(resumed.state_dict(ITERS)["models"], reference.state_dict(ITERS)["models"])
+    assert_same_state(resumed.state_dict(ITERS)["optimizers"], reference.state_dict(ITERS)["optimizers"])
+    later = {step: m for step, m in reference.logger.metrics.items() if step > 3}
+    assert resumed.logger.metrics == later  # the same losses, logged once each
+    assert resumed.history[-1].miou == reference.history[-1].miou
+
+    # Re-running a finished run trains nothing and reports the final models again.
+    again = make_trainer(source, tmp_path / "run")
+    again.resume(load_checkpoint(last), last)
+    assert again.fit().miou == reference.history[-1].miou
+
+
+def test_stop_signal_goes_to_the_previous_handler_after_the_checkpoint(source, tmp_path):
+    """What submitit relies on: its SIGUSR2 handler (requeue) runs once the state is saved."""
+    seen = []
+    last = tmp_path / "checkpoints" / "last.pt"
+    requeue = lambda signum, frame: seen.append((signum, load_checkpoint(last)["iteration"]))  # noqa: E731
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        trainer = make_trainer(source, tmp_path, logger=Recorder(signal_at=(5, signal.SIGUSR2)))
+        trainer.fit()  # the handler returned, so training goes on
+        assert signal.getsignal(signal.SIGUSR2) is requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [(signal.SIGUSR2, 5)]
+    assert load_checkpoint(last)["iteration"] == ITERS
+
+
+def test_best_checkpoint_is_kept(source, tmp_path):
+    trainer = make_trainer(source, tmp_path, eval_every=2, checkpoint_every=3)
+    trainer.fit()
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    scores = {r.step: r.miou["teacher"] for r in trainer.history}
+    assert best["best"] == {"step": max(scores, key=scores.get), "miou": max(scores.values())}
+    assert best["iteration"] == best["best"]["step"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["best"] == best["best"]
+
+
+# --- non-finite losses --------------------------------------------------------------------------------------
+
+
+class NaNAt(GTASeg):
+    """GTA-Seg whose assistant loss turns NaN at the 5th iteration."""
+
+    def training_step(self, batch, progress, update):
+        def poisoned(name, loss):
+            update(name, loss * float("nan") if name == "assistant" and progress.iteration == 4 else loss)
+
+        return super().training_step(batch, progress, poisoned)
+
+
+def test_nonfinite_loss_stops_and_the_last_checkpoint_stays_good(source, tmp_path):
+    trainer = make_trainer(source, tmp_path, method_cls=NaNAt, checkpoint_every=2)
+    last = tmp_path / "checkpoints" / "last.pt"
+    expected = rf"non-finite loss nan for model 'assistant' at iteration 5.*{last} \(iteration 4\), is intact"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        trainer.fit()
+    state = load_checkpoint(last)
+    assert state["iteration"] == 4
+    tensors = [t for weights in state["models"].values() for t in weights.values() if t.is_floating_point()]
+    assert all(t.isfinite().all() for t in tensors)
+
+
+def test_nonfinite_loss_skip_leaves_the_weights_finite(source, tmp_path):
+    trainer = make_trainer(source, tmp_path, method_cls=NaNAt, on_nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="'assistant' at iteration 5; step skipped"):
+        trainer.fit()
+    assert all(p.isfinite().all() for p in trainer.method.parameters())
+    with pytest.raises(ValueError, match=r"on_nonfinite must be one of \('stop', 'skip'\), got 'ignore'"):
+        make_trainer(source, tmp_path, on_nonfinite="ignore")
+
+
+# --- checkpoint files ---------------------------------------------------------------------------------------
+
+
+def test_disk_full_during_a_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoints = Checkpointer(tmp_path)
+    checkpoints.save({"format": ckpt.FORMAT, "iteration": 2})
+
+    def disk_full(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=r"last\.pt: No space left on device; the previous last\.pt is"):
+        checkpoints.save({"format": ckpt.FORMAT, "iteration": 4})
+    assert load_checkpoint(checkpoints.last)["iteration"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_kill_during_a_write_leaves_a_loadable_checkpoint(tmp_path):
+    checkpoints = Checkpointer(tmp_path)
+    checkpoints.save({"format": ckpt.FORMAT, "iteration": 2})
+    (tmp_path / ".last.pt.4242.deadbeef.tmp").write_bytes(b"PK\x03\x04 what a SIGKILL left")
+    assert load_checkpoint(checkpoints.last)["iteration"] == 2
+    Checkpointer(tmp_path)  # the next run clears the debris
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+class Payload:
+    """Anything but plain data: torch.load(weights_only=True) must refuse to build it."""
+
+
+def test_unreadable_checkpoints_are_named(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"format": ckpt.FORMAT, "x": torch.zeros(1000)}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt cannot be read as a checkpoint"):
+        load_checkpoint(truncated)
+    code = tmp_path / "code.pt"
+    torch.save({"format": ckpt.FORMAT, "x": Payload()}, code)
+    with pytest.raises(CheckpointError, match="code.pt cannot be read.*never unpickled"):
+        load_checkpoint(code)
+    other = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(1)}, other)
+    with pytest.raises(CheckpointError, match=r"weights.pt is not a gta checkpoint of format 1 \(found"):
+        load_checkpoint(other)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_checkpoint_of_another_model_names_the_mismatch(source, tmp_path):
+    state = make_trainer(source, tmp_path / "a", num_classes=21).state_dict(0)
+    trainer = make_trainer(source, tmp_path / "b")
+    shapes = r"model 'teacher'.*\n  head\.weight has shape \[21, 6, 1, 1\] in the checkpoint, \[6, 6, 1, 1\]"
+    with pytest.raises(CheckpointError, match=shapes):
+        trainer.resume(state, "a.pt")
+    with pytest.raises(CheckpointError, match=r"a.pt holds models \['student'\], this method has \['assis"):
+        load_models(trainer.models, {"student": state["models"]["student"]}, "a.pt")
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3))
+    with pytest.raises(CheckpointError, match=r"2 entries missing from the checkpoint, e.g. \['0.weight'"):
+        load_models({"teacher": other}, {"teacher": state["models"]["teacher"]}, "a.pt")
+
+    state = trainer.state_dict(0)
+    state["iters_per_epoch"] = 5
+    with pytest.raises(CheckpointError, match="5 iterations per epoch, this run has 2"):
+        trainer.resume(state, "b.pt")
+
+
+# --- configuration and the command --------------------------------------------------------------------------
+
+
+TINY = [
+    "dataset.num_labeled_pool=8", "dataset.num_unlabeled=0", "dataset.num_val=4", "dataset.image_size=32",
+    "dataset.crop_size=32", "data.batch_size=2", "model=deeplabv3plus_small", "logger=none",
+    "data.num_workers=0", "split=4", "device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def hydra_conf():
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield
+
+
+@pytest.mark.parametrize(("override", "culprit"), [
+    ("trainer.checkpoint_evry=5", "checkpoint_evry"),
+    ("trainer.checkpoint_every=often", "trainer.checkpoint_every"),
+    ("resum=never", "resum"),
+])
+def test_new_keys_are_typed(hydra_conf, override, culprit):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose("train", overrides=[override])
+    assert culprit in str(err.value) + str(err.value.__cause__)
+
+
+def test_bad_resume_path_and_unwritable_run_directory(hydra_conf, tmp_path):
+    from gta.train import run
+
+    cfg = compose("train", overrides=[*TINY, f"dataset.root={tmp_path}/data", f"resume={tmp_path}/nope.pt"])
+    with pytest.raises(FileNotFoundError, match=rf"resume={tmp_path}/nope.pt: no checkpoint file there"):
+        run(cfg, tmp_path / "run")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(PermissionError, match="cannot create the run directory .*a-file/run"):
+        run(cfg, tmp_path / "a-file" / "run")
+
+
+# --- tracking -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    from mlflow.utils.file_utils import path_to_local_sqlite_uri
+
+    return path_to_local_sqlite_uri(tmp_path_factory.mktemp("store") / "mlflow.db")
+
+
+def tracked(store: str, tmp_path: Path, experiment: str) -> list[str]:
+    return [
+        *TINY, "logger=mlflow", f"logger.tracking_uri={store}", f"logger.experiment_name={experiment}",
+        f"dataset.root={tmp_path}/data", "trainer.iters=6", "trainer.log_every=1", "trainer.eval_every=0",
+    ]
+
+
+def steps(client, run_id: str, key: str = "train/loss_l") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_tracking_failing_mid_run_loses_no_metrics(hydra_conf, store, tmp_path, monkeypatch):
+    import json
+
+    from mlflow import MlflowClient
+
+    from gta.train import run
+
+    log_batch = MlflowClient.log_batch
+
+    def server_gone_after_step_2(self, run_id, metrics=(), *args, **kwargs):
+        if any(m.step > 2 for m in metrics):
+            raise ConnectionError("tracking server went away")
+        return log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", server_gone_after_step_2)
+    with pytest.warns(RuntimeWarning) as record:
+        run(compose("train", overrides=tracked(store, tmp_path, "flaky")), tmp_path / "run")
+    monkeypatch.undo()
+    fallback = tmp_path / "run" / "unsent_metrics.jsonl"
+    messages = " ".join(str(w.message) for w in record)
+    assert "tracking server went away; keeping them in memory and retrying" in messages
+    assert f"written to {fallback}" in messages
+
+    client = MlflowClient(store)
+    (tracking_run,) = client.search_runs([client.get_experiment_by_name("flaky").experiment_id])
+    unsent = [json.loads(line) for line in fallback.read_text().splitlines()]
+    assert steps(client, tracking_run.info.run_id) == [1, 2]
+    assert sorted(r["step"] for r in unsent if r["key"] == "train/loss_l") == [3, 4, 5, 6]
+    assert {r["run_id"] for r in unsent} == {tracking_run.info.run_id}
+
+
+def test_resume_continues_the_same_tracking_run(hydra_conf, store, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from gta.tracking.mlflow import MLflowLogger
+    from gta.train import run
+
+    log_metrics = MLflowLogger.log_metrics
+
+    def stop_after_step_3(self, metrics, step):
+        log_metrics(self, metrics, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    cfg = compose("train", overrides=tracked(store, tmp_path, "resumed"))
+    monkeypatch.setattr(MLflowLogger, "log_metrics", stop_after_step_3)
+    with pytest.raises(SystemExit) as stopped:
+        run(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    run_id = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["run_id"]
+    client = MlflowClient(store)
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    run(cfg, tmp_path / "run")
+    experiment = client.get_run(run_id).info.experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert steps(client, run_id) == [1, 2, 3, 4, 5, 6]  # each step once, in one run
+
+
+# --- end to end: kill the command ---------------------------------------------------------------------------
+
+
+def train_command(tmp_path: Path, run: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gta", "train", *TINY, f"hydra.run.dir={tmp_path}/{run}", *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_gives_bit_identical_weights(hydra_conf, tmp_path):
+    from gta.train import run
+
+    # 2 iterations per epoch, the first epoch a warm-up: checkpoints at 3 and 6 lie inside GTA-Seg epochs.
+    args = [f"dataset.root={tmp_path}/data", "trainer.iters=8", "trainer.checkpoint_every=3"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocesses (OMP_NUM_THREADS=1): the same reductions, bit for bit
+    try:
+        run(compose("train", overrides=[*TINY, *args]), tmp_path / "reference")
+    finally:
+        torch.set_num_threads(threads)
+
+    command = train_command(tmp_path, "run", *args)
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(tmp_path / "run" / "checkpoints" / "last.pt", process)
+    process.send_signal(signal.SIGKILL)  # at any moment: possibly while the next checkpoint is written
+    process.wait()
+    stopped_at = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"]
+    assert stopped_at < 8 and not (tmp_path / "run" / "teacher.pt").exists()
+
+    rerun = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from {tmp_path}/run/checkpoints/last.pt after iteration {stopped_at}" in rerun.stderr
+    expected = torch.load(tmp_path / "reference" / "teacher.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "run" / "teacher.pt", weights_only=True)
+    assert_same_state(resumed, expected)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
+    """As SLURM does: every process of the job, DataLoader workers included, gets SIGTERM."""
+    args = [f"dataset.root={tmp_path}/data", "trainer.iters=1000", "trainer.checkpoint_every=2",
+            "data.num_workers=1"]
+    process = subprocess.Popen(train_command(tmp_path, "run", *args), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(tmp_path / "run" / "checkpoints" / "last.pt", process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert f"stopped by SIGTERM after iteration {state['iteration']}" in stderr
+    assert 2 <= state["iteration"] < 1000
