@@ -9,9 +9,8 @@ names to classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -136,6 +135,8 @@ class MLflowConfig:
     run_name: str | None = None
     #: where metrics that could not be sent are written (null: the run directory)
     fallback_dir: str | None = None
+    #: nest the run under this one (null: under the sweep's parent run in a --multirun, else top level)
+    parent_run_id: str | None = None
 
 
 # --- engine ----------------------------------------------------------------------------------------
@@ -174,6 +175,31 @@ class EvalConfig:
     stride: int = 513
 
 
+# --- report --------------------------------------------------------------------------------------
+@dataclass
+class ReportConfig:
+    """Where a run sits in a paper table (tags of its MLflow run) and how ``gta report`` draws the table.
+
+    Experiment files (experiments/<table>.yaml) fill this in; ``row`` and ``column`` are usually
+    interpolations of the keys the table sweeps (``${split}``, ``${hydra:runtime.choices.variant}``).
+    """
+
+    #: the experiment file the run belongs to, e.g. table4
+    table: str | None = None
+    title: str | None = None
+    row: str | None = None
+    column: str | None = None
+    #: row / column keys in display order with their printed labels (empty: as found, sorted)
+    rows: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
+    #: the metric a cell averages over seeds
+    metric: str = "val/miou"
+    #: one row per metric of each run instead of ``row`` (Table 6: {label: metric key})
+    metrics: dict[str, str] = field(default_factory=dict)
+    #: the paper's numbers (ALGORITHM.md §6) by row key, then column key
+    paper: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
 @dataclass
 class TrainConfig:
     dataset: Any = MISSING
@@ -188,6 +214,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
     #: "auto" (CUDA when available), "cpu" or "cuda"
     device: str = "auto"

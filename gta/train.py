@@ -12,10 +12,16 @@ from gta.data import build_loaders, select_split, write_split
 from gta.engine.runtime import ensure_writable, resolve_device, seed_everything
 from gta.engine.trainer import Trainer
 from gta.tracking import flatten_config
+from gta.tracking.sweep import parent_for_job, run_tags, sweep_dir_of_job, uses_mlflow
 
 
 def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this run (in a sweep: including the grid point's)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def parse_split(split) -> int | str:
@@ -42,9 +48,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
 
     name = f"{type(method).__name__}-{type(source).__name__}-split{cfg.split}-seed{cfg.seed}"
     defaults = {"run_name": name, "fallback_dir": str(run_dir)}
+    sweep_dir = sweep_dir_of_job()
+    if sweep_dir is not None and uses_mlflow(cfg):
+        defaults["parent_run_id"] = parent_for_job(sweep_dir, cfg.logger.tracking_uri)
     logger = instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
     try:
-        logger.log_params(flatten_config(cfg))
+        logger.set_tags(run_tags(cfg, task_overrides()))
+        # report.* is where the run sits in a table: tags above, not hyper-parameters
+        logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}))
         resolved = run_dir / "config.yaml"
         resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         logger.log_artifact(resolved)
