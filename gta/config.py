@@ -88,6 +88,14 @@ class GTAConfig(MeanTeacherConfig):
     _target_: str = "gta.methods.GTASeg"
     #: what the student receives from the assistant by EMA: "feature_extractor" (the paper) or "all"
     transmit: str = "feature_extractor"
+    #: what the assistant and the student learn from (Table 7): "labeled", "pseudo" or "labeled+pseudo"
+    assistant_data: str = "pseudo"
+    student_data: str = "labeled"
+
+
+@dataclass
+class UnbiasedSTConfig(MeanTeacherConfig):
+    _target_: str = "gta.methods.UnbiasedST"
 
 
 # --- ema / reweight / optimizer --------------------------------------------------------------------
@@ -222,7 +230,8 @@ class TrainConfig:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"synthetic": SyntheticConfig},
-    "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig},
+    "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig,
+               "unbiased_st": UnbiasedSTConfig},
     "reweight": {"uniform": UniformReweightConfig, "confidence": ConfidenceReweightConfig},
     "logger": {"none": NoLoggerConfig, "mlflow": MLflowConfig},
 }
