@@ -24,6 +24,11 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def experiment_file() -> str | None:
+    """The experiments/ file this run was composed with (``+experiment=NAME``), if any."""
+    return HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+
+
 def parse_split(split) -> int | str:
     if isinstance(split, int) or (isinstance(split, str) and split.isdigit()):
         return int(split)
@@ -53,7 +58,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         defaults["parent_run_id"] = parent_for_job(sweep_dir, cfg.logger.tracking_uri)
     logger = instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
     try:
-        logger.set_tags(run_tags(cfg, task_overrides()))
+        logger.set_tags(run_tags(cfg, task_overrides(), experiment_file()))
         # report.* is where the run sits in a table: tags above, not hyper-parameters
         logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}))
         resolved = run_dir / "config.yaml"

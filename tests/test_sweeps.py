@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from runs import gta, tiny
 
 from gta.cli import CONF_DIR
 from gta.config import register_configs
+from gta.report import report
 from gta.tracking.sweep import PARENT_FILE, SweepParent
 
 LAUNCHERS = {
@@ -92,16 +94,27 @@ def test_slurm_sweep_is_one_job_array(hydra_conf, tmp_path, monkeypatch):
     assert launcher.params["max_num_timeout"] > 0  # requeued on timeout
 
 
-@pytest.mark.slow
-def test_local_grid_nests_every_run_under_one_parent(tmp_path):
-    """A 2x2 grid with submitit_local: four processes, four runs under the parent the launcher made."""
-    store = path_to_local_sqlite_uri(tmp_path / "mlflow.db")
-    sweep = tmp_path / "sweep"
-    gta("train", "--multirun", *tiny(tmp_path / "data"), "launcher=local", f"hydra.sweep.dir={sweep}",
-        f"logger.tracking_uri={store}", "logger.experiment_name=grid", "report.table=grid",
-        "report.row=alpha ${ema.alpha}", "report.column=warm-up ${method.warmup_epochs}",
-        "ema.alpha=0.9,0.99", "method.warmup_epochs=0,1")
+GRID = ["ema.alpha=0.9,0.99", "method.warmup_epochs=0,1"]
+ROWS, COLUMNS = ["alpha 0.9", "alpha 0.99"], ["warm-up 0", "warm-up 1"]
 
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """A 2x2 grid run with submitit_local into a fresh sqlite store: (sweep dir, store URI)."""
+    tmp = tmp_path_factory.mktemp("grid")
+    store = path_to_local_sqlite_uri(tmp / "mlflow.db")
+    sweep = tmp / "sweep"
+    gta("train", "--multirun", *tiny(tmp / "data"), "launcher=local", f"hydra.sweep.dir={sweep}",
+        f"logger.tracking_uri={store}", "logger.experiment_name=grid", "report.table=grid",
+        "report.title=A 2x2 grid", "report.row=alpha ${ema.alpha}",
+        "report.column=warm-up ${method.warmup_epochs}", *GRID)
+    return sweep, store
+
+
+@pytest.mark.slow
+def test_local_grid_nests_every_run_under_one_parent(grid):
+    """A 2x2 grid with submitit_local: four processes, four runs under the parent the launcher made."""
+    sweep, store = grid
     parent = SweepParent.read(sweep)
     assert json.loads((sweep / PARENT_FILE).read_text())["run_id"] == parent.run_id
     client = MlflowClient(store)
@@ -115,7 +128,7 @@ def test_local_grid_nests_every_run_under_one_parent(tmp_path):
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.run_id}
     assert all(r.info.status == "FINISHED" and "val/miou" in r.data.metrics for r in children)
     cells = {(r.data.tags["row"], r.data.tags["column"]) for r in children}
-    assert cells == {(f"alpha {a}", f"warm-up {w}") for a in ("0.9", "0.99") for w in (0, 1)}
+    assert cells == {(row, column) for row in ROWS for column in COLUMNS}
     for r in children:
         tags = r.data.tags
         assert tags["table"] == "grid" and tags["seed"] == "0"
@@ -124,3 +137,30 @@ def test_local_grid_nests_every_run_under_one_parent(tmp_path):
         assert f"ema.alpha={r.data.params['ema.alpha']}" in tags["overrides"].split()
     # every job ran in its own process, as submitit_local does
     assert len(list((sweep / ".submitit").iterdir())) >= 4
+
+
+@pytest.mark.slow
+def test_report_of_the_grid(grid, tmp_path):
+    """`python -m gta report <sweep dir>` prints the 2x2 table, writes md/csv/png, logs them to the parent;
+    the parent run id gives the same table."""
+    sweep, store = grid
+    out = gta("report", str(sweep)).stdout
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert lines[0].split("|")[2:-1] == [f" {c} " for c in COLUMNS]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ROWS
+    assert all(line.count("(n=1)") == 2 for line in lines[2:])
+    assert "## A 2x2 grid" in out
+    files = sorted(p.name for p in (sweep / "report").iterdir())
+    assert files == ["table.csv", "table.md", "table.png"]
+    with (sweep / "report" / "table.csv").open() as f:
+        records = list(csv.DictReader(f))
+    assert [(r["row"], r["column"], r["n"]) for r in records] == [
+        (row, column, "1") for row in ROWS for column in COLUMNS]
+    parent = SweepParent.read(sweep)
+    client = MlflowClient(store)
+    logged = {a.path for a in client.list_artifacts(parent.run_id, "report")}
+    assert logged == {"report/table.csv", "report/table.md", "report/table.png"}
+
+    by_id = report(parent.run_id, tmp_path / "by-id", tracking_uri=store)
+    assert (by_id.rows, by_id.columns) == (ROWS, COLUMNS)
+    assert by_id.markdown == (sweep / "report" / "table.md").read_text()

@@ -77,8 +77,9 @@ def uses_mlflow(cfg: DictConfig) -> bool:
     return OmegaConf.select(cfg, "logger._target_") == MLFLOW_LOGGER
 
 
-def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
-    """The tags every run carries: its table, row and column (``report.*``), seed, overrides and commit."""
+def run_tags(cfg: DictConfig, overrides: list[str], experiment: str | None = None) -> dict[str, str]:
+    """The tags every run carries: its experiment file, table, row and column (``report.*``), seed,
+    overrides and commit."""
     commit = git_commit()
     tags = {
         "seed": str(cfg.seed),
@@ -86,6 +87,8 @@ def run_tags(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
         "git_commit": commit,
         GIT_COMMIT_TAG: commit.removesuffix("-dirty"),
     }
+    if experiment:
+        tags["experiment"] = experiment
     report = OmegaConf.select(cfg, "report")
     for key in ("table", "row", "column"):
         value = None if report is None else report.get(key)
@@ -132,7 +135,8 @@ class MLflowSweepCallback(Callback):
             logger = MLflowLogger(uri, run_id=previous.run_id, fallback_dir=sweep_dir)
         else:
             table = OmegaConf.select(config, "report.table")
-            tags = run_tags(config, overrides)
+            experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment")
+            tags = run_tags(config, overrides, experiment)
             for per_run in ("seed", "row", "column"):
                 tags.pop(per_run, None)
             tags["sweep_dir"] = str(sweep_dir)
