@@ -84,6 +84,20 @@ class MeanTeacherConfig(SupOnlyConfig):
 
 
 @dataclass
+class ReferenceConfig:
+    """The released code's behaviours (ALGORITHM.md §5, gta/methods/reference.py); all off: the paper's."""
+
+    _target_: str = "gta.methods.reference.Reference"
+    shared_classifier: bool = False
+    resync_first_epoch: bool = False
+    constant_assistant_lr: bool = False
+    mixed_confidence: bool = False
+    dropped_in_normaliser: bool = False
+    bn_from_forwards: bool = False
+    warmup_student_only: bool = False
+
+
+@dataclass
 class GTAConfig(MeanTeacherConfig):
     _target_: str = "gta.methods.GTASeg"
     #: what the student receives from the assistant by EMA: "feature_extractor" (the paper) or "all"
@@ -91,6 +105,8 @@ class GTAConfig(MeanTeacherConfig):
     #: what the assistant and the student learn from (Table 7): "labeled", "pseudo" or "labeled+pseudo"
     assistant_data: str = "pseudo"
     student_data: str = "labeled"
+    #: switches for the released code's behaviours (method=gta_reference turns them all on)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
 @dataclass
