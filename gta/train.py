@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -29,6 +30,24 @@ def experiment_file() -> str | None:
     return HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
 
 
+#: written into the run directory once a run has finished and logged everything; a sweep re-run into the
+#: same directory skips the jobs that have one
+RESULT_FILE = "result.json"
+
+
+def finished_result(run_dir: Path, overrides: list[str]) -> float | None:
+    """The reported mIoU of a job that already finished in ``run_dir`` with these overrides, else None."""
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("overrides") != overrides:
+        previous = " ".join(record.get("overrides", []))
+        print(f"{path} belongs to another grid point ({previous}): training anew")
+        return None
+    return float(record["value"])
+
+
 def parse_split(split) -> int | str:
     if isinstance(split, int) or (isinstance(split, str) and split.isdigit()):
         return int(split)
@@ -39,6 +58,10 @@ def parse_split(split) -> int | str:
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     run_dir = ensure_writable(Path(run_dir or output_dir()))
+    overrides = task_overrides()
+    if sweep_dir_of_job() is not None and (done := finished_result(run_dir, overrides)) is not None:
+        print(f"{run_dir} finished before ({RESULT_FILE}): skipped; delete that file to train it again")
+        return done
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
 
@@ -58,7 +81,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         defaults["parent_run_id"] = parent_for_job(sweep_dir, cfg.logger.tracking_uri)
     logger = instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
     try:
-        logger.set_tags(run_tags(cfg, task_overrides(), experiment_file()))
+        logger.set_tags(run_tags(cfg, overrides, experiment_file()))
         # report.* is where the run sits in a table: tags above, not hyper-parameters
         logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}))
         resolved = run_dir / "config.yaml"
@@ -81,6 +104,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         logger.close("FAILED")
         raise
     logger.close()
+    record = {"value": result.miou[method.reported], "reported": method.reported, "miou": result.miou,
+              "overrides": overrides, "run_id": logger.run_id}
+    (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     print(f"\n{type(method).__name__} on {type(source).__name__}, {len(split.labeled)} labeled / "
           f"{len(split.unlabeled)} unlabeled images, {trainer.total_iters} iterations on {device}")

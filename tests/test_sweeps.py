@@ -164,3 +164,27 @@ def test_report_of_the_grid(grid, tmp_path):
     by_id = report(parent.run_id, tmp_path / "by-id", tracking_uri=store)
     assert (by_id.rows, by_id.columns) == (ROWS, COLUMNS)
     assert by_id.markdown == (sweep / "report" / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_rerunning_a_sweep_skips_finished_jobs(tmp_path):
+    """Into the same sweep dir: finished jobs are skipped, unfinished ones run, runs join the same parent."""
+    store = path_to_local_sqlite_uri(tmp_path / "mlflow.db")
+    sweep = tmp_path / "sweep"
+    args = ["train", "--multirun", *tiny(tmp_path / "data"), f"hydra.sweep.dir={sweep}",
+            f"logger.tracking_uri={store}", "seed=0,1"]
+    gta(*args)
+    first = SweepParent.read(sweep)
+    results = {job: json.loads((sweep / job / "result.json").read_text()) for job in ("0", "1")}
+    assert [r["overrides"][-1] for r in results.values()] == ["seed=0", "seed=1"]
+    (sweep / "1" / "result.json").unlink()  # as if job 1 had been killed before the end
+
+    out = gta(*args).stdout
+    assert out.count("skipped") == 1 and f"{sweep / '0'} finished before" in out
+    assert out.count("<- reported") == 1  # only job 1 trained again
+    assert SweepParent.read(sweep) == first  # the same parent run, re-opened
+    client = MlflowClient(store)
+    jobs = client.search_runs([first.experiment_id], f"tags.mlflow.parentRunId = '{first.run_id}'")
+    assert sorted(r.data.tags["seed"] for r in jobs) == ["0", "1", "1"]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert json.loads((sweep / "1" / "result.json").read_text())["run_id"] != results["1"]["run_id"]
