@@ -30,7 +30,14 @@ def evaluate(cfg: DictConfig) -> float:
     return run(cfg)
 
 
-COMMANDS = {"train": train, "eval": evaluate}
+def report() -> None:
+    """Tabulate a sweep like the paper (``python -m gta report --help``)."""
+    from gta.report import main as report_main
+
+    report_main(sys.argv[1:])
+
+
+COMMANDS = {"train": train, "eval": evaluate, "report": report}
 USAGE = "usage: python -m gta {" + ",".join(COMMANDS) + "} [key=value ...] [--multirun] [--help]"
 
 

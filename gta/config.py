@@ -117,10 +117,34 @@ class MeanTeacherConfig(SupOnlyConfig):
 
 
 @dataclass
+class ReferenceConfig:
+    """The released code's behaviours (ALGORITHM.md §5, gta/methods/reference.py); all off: the paper's."""
+
+    _target_: str = "gta.methods.reference.Reference"
+    shared_classifier: bool = False
+    resync_first_epoch: bool = False
+    constant_assistant_lr: bool = False
+    mixed_confidence: bool = False
+    dropped_in_normaliser: bool = False
+    bn_from_forwards: bool = False
+    warmup_student_only: bool = False
+
+
+@dataclass
 class GTAConfig(MeanTeacherConfig):
     _target_: str = "gta.methods.GTASeg"
     #: what the student receives from the assistant by EMA: "feature_extractor" (the paper) or "all"
     transmit: str = "feature_extractor"
+    #: what the assistant and the student learn from (Table 7): "labeled", "pseudo" or "labeled+pseudo"
+    assistant_data: str = "pseudo"
+    student_data: str = "labeled"
+    #: switches for the released code's behaviours (method=gta_reference turns them all on)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+
+@dataclass
+class UnbiasedSTConfig(MeanTeacherConfig):
+    _target_: str = "gta.methods.UnbiasedST"
 
 
 # --- ema / reweight / optimizer --------------------------------------------------------------------
@@ -170,6 +194,8 @@ class MLflowConfig:
     fallback_dir: str | None = None
     #: continue this MLflow run (null: a new run, or the run recorded in the checkpoint being resumed)
     run_id: str | None = None
+    #: nest the run under this one (null: under the sweep's parent run in a --multirun, else top level)
+    parent_run_id: str | None = None
 
 
 # --- engine ----------------------------------------------------------------------------------------
@@ -216,6 +242,31 @@ class EvalConfig:
     models: Any = "reported"
 
 
+# --- report --------------------------------------------------------------------------------------
+@dataclass
+class ReportConfig:
+    """Where a run sits in a paper table (tags of its MLflow run) and how ``gta report`` draws the table.
+
+    Experiment files (experiments/<table>.yaml) fill this in; ``row`` and ``column`` are usually
+    interpolations of the keys the table sweeps (``${split}``, ``${hydra:runtime.choices.variant}``).
+    """
+
+    #: the experiment file the run belongs to, e.g. table4
+    table: str | None = None
+    title: str | None = None
+    row: str | None = None
+    column: str | None = None
+    #: row / column keys in display order with their printed labels (empty: as found, sorted)
+    rows: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
+    #: the metric a cell averages over seeds
+    metric: str = "val/miou"
+    #: one row per metric of each run instead of ``row`` (Table 6: {label: metric key})
+    metrics: dict[str, str] = field(default_factory=dict)
+    #: the paper's numbers (ALGORITHM.md §6) by row key, then column key
+    paper: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
 @dataclass
 class TrainConfig:
     dataset: Any = MISSING
@@ -230,6 +281,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
     #: "auto" (CUDA when available), "cpu" or "cuda"
     device: str = "auto"
@@ -279,7 +331,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "cityscapes": CityscapesConfig,
         "folder": FolderConfig,
     },
-    "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig},
+    "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig,
+               "unbiased_st": UnbiasedSTConfig},
     "reweight": {"uniform": UniformReweightConfig, "confidence": ConfidenceReweightConfig},
     "logger": {"none": NoLoggerConfig, "mlflow": MLflowConfig},
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,10 +16,39 @@ from gta.engine.runtime import ensure_writable, resolve_device, seed_everything
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
 from gta.tracking import flatten_config
+from gta.tracking.sweep import parent_for_job, run_tags, sweep_dir_of_job, uses_mlflow
 
 
 def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this run (in a sweep: including the grid point's)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def experiment_file() -> str | None:
+    """The experiments/ file this run was composed with (``+experiment=NAME``), if any."""
+    return HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+
+
+#: written into the run directory once a run has finished and logged everything; a sweep re-run into the
+#: same directory skips the jobs that have one
+RESULT_FILE = "result.json"
+
+
+def finished_result(run_dir: Path, overrides: list[str]) -> float | None:
+    """The reported mIoU of a job that already finished in ``run_dir`` with these overrides, else None."""
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("overrides") != overrides:
+        previous = " ".join(record.get("overrides", []))
+        print(f"{path} belongs to another grid point ({previous}): training anew")
+        return None
+    return float(record["value"])
 
 
 def parse_split(split) -> int | str:
@@ -48,6 +78,10 @@ def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     run_dir = ensure_writable(Path(run_dir or output_dir()))
+    overrides = task_overrides()
+    if sweep_dir_of_job() is not None and (done := finished_result(run_dir, overrides)) is not None:
+        print(f"{run_dir} finished before ({RESULT_FILE}): skipped; delete that file to train it again")
+        return done
     checkpoint = find_checkpoint(cfg.resume, run_dir)
     state = load_checkpoint(checkpoint) if checkpoint else None  # a bad file fails before any work
     device = resolve_device(cfg.device)
@@ -65,9 +99,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     name = f"{type(method).__name__}-{type(source).__name__}-split{cfg.split}-seed{cfg.seed}"
     # On resume the checkpoint's tracking run continues, so one run holds the whole history.
     defaults = {"run_name": name, "fallback_dir": str(run_dir), "run_id": state["run_id"] if state else None}
+    sweep_dir = sweep_dir_of_job()
+    if sweep_dir is not None and uses_mlflow(cfg):
+        defaults["parent_run_id"] = parent_for_job(sweep_dir, cfg.logger.tracking_uri)
     logger = instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
     try:
-        logger.log_params(flatten_config(cfg))
+        logger.set_tags(run_tags(cfg, overrides, experiment_file()))
+        # report.* is where the run sits in a table: tags above, not hyper-parameters
+        logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}))
         resolved = run_dir / "config.yaml"
         resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         logger.log_artifact(resolved)
@@ -100,6 +139,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         logger.close("FAILED")
         raise
     logger.close()
+    record = {"value": result.miou[method.reported], "reported": method.reported, "miou": result.miou,
+              "overrides": overrides, "run_id": logger.run_id}
+    (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     print(f"\n{type(method).__name__} on {type(source).__name__}, {len(split.labeled)} labeled / "
           f"{len(split.unlabeled)} unlabeled images, {trainer.total_iters} iterations on {device}")

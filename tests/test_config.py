@@ -10,9 +10,18 @@ from hydra.utils import instantiate
 from gta.cli import CONF_DIR
 from gta.config import register_configs
 
-# experiment files are global overlays, appended with +experiment=: tests/test_experiments.py runs them
-GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "experiment")
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+
+
+def is_global(path: Path) -> bool:
+    """Options in the global package (launcher, variant, experiment) set several groups at once;
+    tests/test_sweeps.py and tests/test_experiments.py compose and run them."""
+    return path.read_text().startswith("# @package _global_")
+
+
+OPTIONS = [
+    (g, p.stem) for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml")) if not is_global(p)
+]
 
 
 @pytest.fixture(scope="module", autouse=True)

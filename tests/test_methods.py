@@ -135,7 +135,7 @@ def test_mean_teacher_student_learns_from_both_losses():
 
     teacher0 = snapshot(method.teacher.parameters())
     stats = method.training_step(batch, Progress(IPE, IPE, 4 * IPE), sgd_update(method, check=check))
-    assert seen["loss"].item() == pytest.approx((stats["loss_l"] + 0.5 * stats["loss_u"]).item(), rel=1e-6)
+    assert seen["loss"].item() == pytest.approx((stats["student/loss_l"] + 0.5 * stats["student/loss_u"]).item(), rel=1e-6)
     assert all(g is not None for g in seen["grads"])  # both x_l and pseudo-labelled x_u reach the student
     for t, t0, s in zip(method.teacher.parameters(), teacher0, method.student.parameters(), strict=False):
         torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
@@ -147,7 +147,7 @@ def test_suponly_never_touches_unlabeled_data():
     batch = make_batch()
     batch.unlabeled = batch.unlabeled_mask = None  # the engine does not even load them
     stats = method.training_step(batch, Progress(0, IPE, IPE), sgd_update(method))
-    assert set(stats) == {"loss_l"} and list(method.trained_models()) == ["student"]
+    assert set(stats) == {"student/loss_l"} and list(method.trained_models()) == ["student"]
 
 
 def test_ema_ramp_and_fused_update_match_the_formula():

@@ -302,7 +302,7 @@ def tracked(store: str, tmp_path: Path, experiment: str) -> list[str]:
     ]
 
 
-def steps(client, run_id: str, key: str = "train/loss_l") -> list[int]:
+def steps(client, run_id: str, key: str = "train/student/loss_l") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
@@ -333,7 +333,7 @@ def test_tracking_failing_mid_run_loses_no_metrics(hydra_conf, store, tmp_path, 
     (tracking_run,) = client.search_runs([client.get_experiment_by_name("flaky").experiment_id])
     unsent = [json.loads(line) for line in fallback.read_text().splitlines()]
     assert steps(client, tracking_run.info.run_id) == [1, 2]
-    assert sorted(r["step"] for r in unsent if r["key"] == "train/loss_l") == [3, 4, 5, 6]
+    assert sorted(r["step"] for r in unsent if r["key"] == "train/student/loss_l") == [3, 4, 5, 6]
     assert {r["run_id"] for r in unsent} == {tracking_run.info.run_id}
 
 

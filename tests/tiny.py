@@ -12,8 +12,11 @@ class TinySegmenter(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
         self.head = nn.Conv2d(6, num_classes, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, mask_predictor: nn.Module | None = None) -> torch.Tensor:
+        return (mask_predictor or self.head)(self.features(x))
+
+    def new_mask_predictor(self) -> nn.Module:
+        return nn.Conv2d(6, self.head.out_channels, 1)
 
     def feature_extractor_parameters(self) -> list[nn.Parameter]:
         return list(self.features.parameters())

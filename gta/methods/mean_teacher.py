@@ -44,7 +44,7 @@ class MeanTeacher(Method):
         if progress.epoch < self.warmup_epochs:
             loss_l = F.cross_entropy(self.student(batch.image), batch.mask, ignore_index=self.ignore_index)
             update("student", loss_l)
-            return {"loss_l": loss_l.detach()}
+            return {"student/loss_l": loss_l.detach()}
 
         k = progress.iteration - self.warmup_epochs * progress.iters_per_epoch
         targets = teacher_targets(
@@ -58,4 +58,4 @@ class MeanTeacher(Method):
         loss_u = weighted_cross_entropy(logits_u, targets, self.ignore_index)
         update("student", loss_l + self.unsup_weight * loss_u)
         ema_model_(self.teacher, self.student, self.ema.decay(k))
-        return {"loss_l": loss_l.detach(), "loss_u": loss_u.detach(), "kept": targets.keep.float().mean()}
+        return {"student/loss_l": loss_l.detach(), "student/loss_u": loss_u.detach(), "kept": targets.keep.float().mean()}

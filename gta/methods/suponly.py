@@ -30,4 +30,4 @@ class SupOnly(Method):
         self.student.train()
         loss_l = F.cross_entropy(self.student(batch.image), batch.mask, ignore_index=self.ignore_index)
         update("student", loss_l)
-        return {"loss_l": loss_l.detach()}
+        return {"student/loss_l": loss_l.detach()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -81,13 +82,29 @@ class Segmenter(nn.Module):
                 f"the file: {unexpected[:3]})"
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_predictor: nn.Module | None = None) -> torch.Tensor:
+        """p = g(f(x)); ``mask_predictor`` puts another g on the same f (see ``new_mask_predictor``)."""
         h, w = x.shape[-2:]
         d = self.size_divisor
         pad_h, pad_w = (-h) % d, (-w) % d
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        return self.net(x)[..., :h, :w]
+        if mask_predictor is None:
+            return self.net(x)[..., :h, :w]
+        return mask_predictor(self.net.decoder(self.net.encoder(x)))[..., :h, :w]
+
+    def new_mask_predictor(self) -> nn.Module:
+        """A freshly initialised second g for this network's f (Unbiased ST's pseudo head)."""
+        if self.mask_predictor_prefixes != ("segmentation_head",):
+            raise ValueError(
+                "a second mask predictor needs model.mask_predictor=[segmentation_head], got "
+                f"{list(self.mask_predictor_prefixes)}"
+            )
+        head = copy.deepcopy(self.net.segmentation_head)
+        for module in head.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        return head
 
     def _named(self, in_mask_predictor: bool) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.net.named_parameters():

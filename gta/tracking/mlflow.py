@@ -64,6 +64,11 @@ def _absolute_sqlite_uri(uri: str) -> str:
     return path_to_local_sqlite_uri(path) + (f"?{query}" if query else "")
 
 
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The store a logger given ``uri`` writes to: the default store for None, sqlite paths made absolute."""
+    return _absolute_sqlite_uri(uri or default_tracking_uri())
+
+
 def _prepare_sqlite(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +129,7 @@ class MLflowLogger(Logger):
         retry_interval: float = 30.0,
         connect_timeout: float = 3.0,
     ):
-        uri = _absolute_sqlite_uri(tracking_uri or default_tracking_uri())
+        uri = resolve_tracking_uri(tracking_uri)
         db = sqlite_path(uri)
         if db is not None:
             _prepare_sqlite(db)

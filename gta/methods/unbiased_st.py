@@ -1,0 +1,87 @@
+"""Unbiased self-training (Chen et al. 2022, "Debiased self-training"), the Table 5 comparison.
+
+One feature extractor f carries two mask predictors: the main head learns only from labels, an extra
+pseudo head learns only from the teacher's pseudo-labels, and both send gradients into the shared f.
+Pseudo-labels thus shape f, as in GTA-Seg, but through a head of the same network instead of a separate
+assistant. As in Mean Teacher, the teacher is the EMA of the student (f and main head) and labels x_u;
+the pseudo head is never evaluated: the student and teacher predict with the main head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gta.methods.base import Batch, Method, Progress, Update
+from gta.methods.ema import EMA, ema_model_
+from gta.methods.pseudo_label import teacher_targets, weighted_cross_entropy
+
+
+class WithPseudoHead(nn.Module):
+    """A network (f and its main head) plus a pseudo head on the same f; ``forward`` is the main head."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.pseudo_head = network.new_mask_predictor()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def pseudo(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x, mask_predictor=self.pseudo_head)
+
+    def param_groups(self, decoder_lr_mult: float) -> list[dict]:
+        """The network's groups; the pseudo head, trained from scratch like the main head, at its rate."""
+        own = getattr(self.network, "param_groups", None)
+        groups = own(decoder_lr_mult) if callable(own) else [{"params": list(self.network.parameters())}]
+        head = list(self.pseudo_head.parameters())
+        return [*groups, {"params": head, "lr_mult": decoder_lr_mult, "name": "pseudo_head"}]
+
+
+class UnbiasedST(Method):
+    def __init__(
+        self,
+        model: Callable[[], nn.Module],
+        ema: EMA,
+        reweight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        ignore_index: int = 255,
+        drop: float = 0.2,
+        unsup_weight: float = 1.0,
+        warmup_epochs: int = 1,
+        cutmix_prob: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.student = WithPseudoHead(model())
+        self.teacher = model()
+        self.teacher.requires_grad_(False)
+        self.ema, self.reweight = ema, reweight
+        self.ignore_index, self.drop, self.unsup_weight = ignore_index, drop, unsup_weight
+        self.warmup_epochs, self.cutmix_prob = warmup_epochs, cutmix_prob
+
+    def trained_models(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def evaluated_models(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher, "student": self.student}
+
+    def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, torch.Tensor]:
+        self.student.train()
+        loss_l = F.cross_entropy(self.student(batch.image), batch.mask, ignore_index=self.ignore_index)
+        if progress.epoch < self.warmup_epochs:
+            update("student", loss_l)
+            return {"loss_l": loss_l.detach()}
+
+        targets = teacher_targets(
+            self.teacher, batch.unlabeled, batch.unlabeled_mask, drop=self.drop, reweight=self.reweight,
+            cutmix_prob=self.cutmix_prob, ignore_index=self.ignore_index,
+        )
+        # The main head sees only ground truth, the pseudo head only pseudo-labels; f learns from both.
+        loss_u = weighted_cross_entropy(self.student.pseudo(targets.image), targets, self.ignore_index)
+        update("student", loss_l + self.unsup_weight * loss_u)
+        k = progress.iteration - self.warmup_epochs * progress.iters_per_epoch
+        ema_model_(self.teacher, self.student.network, self.ema.decay(k))
+        return {"loss_l": loss_l.detach(), "loss_u": loss_u.detach(), "kept": targets.keep.float().mean()}

@@ -1,0 +1,359 @@
+"""``python -m gta report SOURCE``: a sweep's runs as the paper's table.
+
+SOURCE is a sweep directory (it holds ``mlflow_parent.json``), the id of a sweep's parent run, or an
+experiment file's name (``table4``, ``instant/table4``: every finished run tagged with it, across
+sweeps). Runs are placed by their ``row`` / ``column`` tags (set from ``report.row`` / ``report.column``
+of the experiment file) and averaged over seeds; the experiment file's ``report`` node names and orders
+rows and columns and holds the paper's numbers. Without row / column tags, the keys that differ between
+the runs' overrides (seed aside) become the rows and columns.
+
+The table is printed, written as Markdown and CSV, drawn as a PNG and logged to the parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import statistics
+import textwrap
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gta.tracking.sweep import PARENT_FILE, SweepParent
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+PARENT_TAG = "mlflow.parentRunId"
+NO_COLUMN = "-"
+
+
+@dataclass
+class Layout:
+    """How the table looks: the ``report`` node of an experiment file."""
+
+    title: str = "Sweep"
+    rows: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
+    metric: str = "val/miou"
+    metrics: dict[str, str] = field(default_factory=dict)
+    paper: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, report: DictConfig | Mapping | None, fallback_title: str = "Sweep") -> Layout:
+        if report is None:
+            return cls(title=fallback_title)
+        node = OmegaConf.create(report) if not isinstance(report, DictConfig) else report
+        # Only plain values are read: row / column are per-run interpolations that the runs resolved.
+        plain = lambda key: OmegaConf.to_container(node[key]) if key in node else {}  # noqa: E731
+        paper = {str(r): {str(c): float(v) for c, v in cols.items()} for r, cols in plain("paper").items()}
+        return cls(
+            title=str(node.get("title") or node.get("table") or fallback_title),
+            rows={str(k): str(v) for k, v in plain("rows").items()},
+            columns={str(k): str(v) for k, v in plain("columns").items()},
+            metric=str(node.get("metric") or "val/miou"),
+            metrics={str(k): str(v) for k, v in plain("metrics").items()},
+            paper=paper,
+        )
+
+
+@dataclass(frozen=True)
+class Result:
+    """One run's number for one cell, in percent."""
+
+    row: str
+    column: str
+    seed: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: str
+    column: str
+    mean: float
+    std: float
+    n: int
+    paper: float | None
+
+
+# --- from runs to results ----------------------------------------------------------------------------------
+def parse_overrides(text: str) -> dict[str, str]:
+    pairs = (item.split("=", 1) for item in text.split() if "=" in item)
+    return {key.lstrip("+~"): value for key, value in pairs}
+
+
+def varying_keys(runs: list[Any]) -> list[str]:
+    """Override keys whose values differ between runs, seed aside, in the order they were given."""
+    parsed = [parse_overrides(r.data.tags.get("overrides", "")) for r in runs]
+    keys: list[str] = []
+    for overrides in parsed:
+        keys += [k for k in overrides if k not in keys and k != "seed"]
+    return [k for k in keys if len({o.get(k) for o in parsed}) > 1]
+
+
+def results(runs: list[Any], layout: Layout) -> tuple[list[Result], list[str]]:
+    """Each finished run's numbers placed in the table, the latest run of a (row, column, seed) winning;
+    and a note for each run left out."""
+    notes = []
+    finished = []
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        if run.info.status != "FINISHED":
+            notes.append(f"run {run.info.run_id} is {run.info.status}: left out")
+        else:
+            finished.append(run)
+    axes = varying_keys(finished)
+    placed: dict[tuple[str, str, str], Result] = {}
+    for run in finished:
+        tags = run.data.tags
+        overrides = parse_overrides(tags.get("overrides", ""))
+        row = tags.get("row") or (f"{axes[0]}={overrides.get(axes[0])}" if axes else "run")
+        column = tags.get("column") or (
+            " ".join(f"{k}={overrides.get(k)}" for k in axes[1:]) if len(axes) > 1 else NO_COLUMN
+        )
+        seed = tags.get("seed", "?")
+        metrics = layout.metrics or {row: layout.metric}
+        for label, key in metrics.items():
+            if key not in run.data.metrics:
+                notes.append(f"run {run.info.run_id} has no metric {key}: left out of row {label}")
+                continue
+            placed[(label, column, seed)] = Result(label, column, seed, 100.0 * run.data.metrics[key])
+    return list(placed.values()), notes
+
+
+def ordered(found: Iterable[str], declared: Mapping[str, str]) -> list[str]:
+    """Declared keys first, in their order (those with results only), then the others sorted."""
+    found = set(found)
+    def natural(key: str) -> tuple:
+        return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key))
+    return [k for k in declared if k in found] + sorted(found - set(declared), key=natural)
+
+
+def cells(results: list[Result], layout: Layout) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
+    """Mean and sample standard deviation over seeds for every (row, column) with results."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        groups.setdefault((r.row, r.column), []).append(r.value)
+    rows = ordered((r for r, _ in groups), layout.rows)
+    columns = ordered((c for _, c in groups), layout.columns)
+    table = {}
+    for (row, column), values in groups.items():
+        std = statistics.stdev(values) if len(values) > 1 else math.nan
+        paper = layout.paper.get(row, {}).get(column)
+        table[(row, column)] = Cell(row, column, statistics.fmean(values), std, len(values), paper)
+    return rows, columns, table
+
+
+# --- rendering ---------------------------------------------------------------------------------------------
+def format_cell(cell: Cell | None) -> str:
+    if cell is None:
+        return ""
+    spread = "" if math.isnan(cell.std) else f" ± {cell.std:.2f}"
+    return f"{cell.mean:.2f}{spread} (n={cell.n})"
+
+
+def markdown(layout: Layout, rows: list[str], columns: list[str], table: dict[tuple[str, str], Cell]) -> str:
+    with_paper = [c for c in columns if any(layout.paper.get(r, {}).get(c) is not None for r in rows)]
+    header = ["", *(h for c in columns for h in
+                    ([layout.columns.get(c, c)] + (["paper"] if c in with_paper else [])))]
+    lines = [
+        f"## {layout.title}",
+        "",
+        f"mIoU (%) of `{', '.join(layout.metrics.values()) or layout.metric}`: mean ± sample std over seeds "
+        "(n runs); paper: the paper's value (ALGORITHM.md §6).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        values = [layout.rows.get(row, row)]
+        for column in columns:
+            values.append(format_cell(table.get((row, column))))
+            if column in with_paper:
+                paper = layout.paper.get(row, {}).get(column)
+                values.append("" if paper is None else f"{paper:.2f}")
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, layout: Layout, rows: list[str], columns: list[str],
+              table: dict[tuple[str, str], Cell]) -> Path:
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["row", "row_label", "column", "column_label", "mean", "std", "n", "paper"])
+        for row in rows:
+            for column in columns:
+                cell = table.get((row, column))
+                if cell is None:
+                    continue
+                out.writerow([row, layout.rows.get(row, row), column, layout.columns.get(column, column),
+                              f"{cell.mean:.4f}", "" if math.isnan(cell.std) else f"{cell.std:.4f}", cell.n,
+                              "" if cell.paper is None else cell.paper])
+    return path
+
+
+def draw(path: Path, layout: Layout, rows: list[str], columns: list[str],
+         table: dict[tuple[str, str], Cell]) -> Path:
+    """Grouped bars: one group per column, one bar per row, seed std as error bars, the paper as marks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(columns) * len(rows) + 2.0), 3.8))
+    for i, row in enumerate(rows):
+        xs, means, stds, paper_x, paper_y = [], [], [], [], []
+        for j, column in enumerate(columns):
+            cell = table.get((row, column))
+            if cell is None:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            xs.append(x)
+            means.append(cell.mean)
+            stds.append(0.0 if math.isnan(cell.std) else cell.std)
+            if cell.paper is not None:
+                paper_x.append(x)
+                paper_y.append(cell.paper)
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=layout.rows.get(row, row))
+        ax.plot(paper_x, paper_y, "k_", markersize=12, markeredgewidth=2)
+    ax.plot([], [], "k_", markersize=12, markeredgewidth=2, label="paper")
+    ax.set_xticks(range(len(columns)), [layout.columns.get(c, c) for c in columns])
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(textwrap.fill(layout.title, 70), fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- finding the runs --------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    client: Any
+    runs: list[Any]
+    layout: Layout
+    name: str
+    parent_id: str | None = None
+    sweep_dir: Path | None = None
+
+
+def search_all(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def children(client: Any, parent_id: str) -> list[Any]:
+    parent = client.get_run(parent_id)
+    return search_all(client, [parent.info.experiment_id], f"tags.{PARENT_TAG} = '{parent_id}'")
+
+
+def layout_of_sweep(sweep_dir: Path | None) -> Layout | None:
+    config = None if sweep_dir is None else sweep_dir / "multirun.yaml"
+    if config is None or not config.is_file():
+        return None
+    return Layout.from_config(OmegaConf.load(config).get("report"), fallback_title=sweep_dir.name)
+
+
+def layout_of_experiment(name: str) -> Layout:
+    from hydra import compose, initialize_config_dir
+
+    from gta.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={name}"])
+    return Layout.from_config(cfg.report, fallback_title=name)
+
+
+def locate(source: str, tracking_uri: str | None) -> Source:
+    from mlflow import MlflowClient
+
+    from gta.tracking.mlflow import resolve_tracking_uri
+
+    path = Path(source)
+    if path.is_dir():
+        parent = SweepParent.read(path)
+        if parent is None:
+            raise FileNotFoundError(f"{path} holds no {PARENT_FILE}: not a sweep logged to MLflow")
+        client = MlflowClient(parent.tracking_uri)
+        layout = layout_of_sweep(path) or Layout(title=path.name)
+        return Source(client, children(client, parent.run_id), layout, path.name, parent.run_id, path)
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    if RUN_ID.fullmatch(source):
+        parent = client.get_run(source)
+        sweep_dir = Path(parent.data.tags["sweep_dir"]) if "sweep_dir" in parent.data.tags else None
+        experiment = parent.data.tags.get("experiment")
+        layout = layout_of_sweep(sweep_dir) or (layout_of_experiment(experiment) if experiment else None)
+        name = parent.info.run_name or source
+        return Source(client, children(client, source), layout or Layout(title=name), name, source, sweep_dir)
+
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = search_all(client, experiments, f"tags.experiment = '{source}'") if experiments else []
+    jobs = [r for r in runs if PARENT_TAG in r.data.tags]
+    if not jobs:
+        raise LookupError(
+            f"no runs tagged experiment={source} at {client.tracking_uri}; give a sweep directory, a parent "
+            "run id or the name of an experiment file that was swept (python -m gta train --multirun "
+            f"+experiment={source})"
+        )
+    latest = max(jobs, key=lambda r: r.info.start_time or 0)
+    return Source(client, jobs, layout_of_experiment(source), source, latest.data.tags[PARENT_TAG])
+
+
+# --- the command -------------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    markdown: str
+    rows: list[str]
+    columns: list[str]
+    cells: dict[tuple[str, str], Cell]
+    files: list[Path]
+    notes: list[str]
+
+
+def report(source: str, out_dir: str | Path | None = None, tracking_uri: str | None = None) -> Report:
+    found = locate(source, tracking_uri)
+    placed, notes = results(found.runs, found.layout)
+    if not placed:
+        raise LookupError(f"no finished runs with results for {source}" + "".join(f"\n  {n}" for n in notes))
+    rows, columns, table = cells(placed, found.layout)
+    text = markdown(found.layout, rows, columns, table)
+    if out_dir is None and found.sweep_dir is not None and found.sweep_dir.is_dir():
+        out_dir = found.sweep_dir / "report"
+    out = Path(out_dir or Path("reports") / found.name.replace("/", "_"))
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "table.md"
+    md.write_text(text)
+    files = [md, write_csv(out / "table.csv", found.layout, rows, columns, table),
+             draw(out / "table.png", found.layout, rows, columns, table)]
+    if found.parent_id is not None:
+        for path in files:
+            found.client.log_artifact(found.parent_id, str(path), "report")
+    return Report(text, rows, columns, table, files, notes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gta report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="a sweep directory, a parent run id, or an experiment name (table4)")
+    parser.add_argument("--out", help="where table.md, table.csv and table.png go "
+                                      "(default: <sweep dir>/report, else reports/<name>)")
+    parser.add_argument("--tracking-uri", help="the MLflow store of a run id or experiment name "
+                                               "(default: GTA_TRACKING_URI, else the project's mlflow.db)")
+    args = parser.parse_args(argv)
+    result = report(args.source, args.out, args.tracking_uri or os.environ.get("GTA_TRACKING_URI"))
+    print(result.markdown)
+    for note in result.notes:
+        print(f"note: {note}")
+    print("written: " + ", ".join(str(p) for p in result.files))

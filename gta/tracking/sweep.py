@@ -1,0 +1,175 @@
+"""MLflow for sweeps: one parent run per ``--multirun`` sweep, every job's run nested under it.
+
+The parent is made by a Hydra callback in the launching process, before any job starts: the store
+(a fresh sqlite file is not safe to create from many processes at once), the experiment and the parent
+run all exist by the time the first job opens the store. The callback writes the parent's id to
+``<sweep dir>/mlflow_parent.json``; each job (in this process, a local subprocess or a SLURM node that
+shares the file system) reads it there and creates its run with the parent's id. Re-running a sweep
+into the same directory re-opens the same parent, so resumed jobs land beside the finished ones.
+
+Nothing here imports MLflow at module level: Hydra builds the callback for every run, also with
+``logger=none``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from gta.config import PROJECT_ROOT
+
+PARENT_FILE = "mlflow_parent.json"
+MLFLOW_LOGGER = "gta.tracking.mlflow.MLflowLogger"
+#: MLflow's own tag for the source commit (shown in its UI)
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+
+@dataclass(frozen=True)
+class SweepParent:
+    """What a job needs to nest its run: the store and the parent run in it."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+
+    def write(self, sweep_dir: Path) -> Path:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        path = sweep_dir / PARENT_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)  # jobs never see a half-written file
+        return path
+
+    @classmethod
+    def read(cls, sweep_dir: Path) -> SweepParent | None:
+        path = Path(sweep_dir) / PARENT_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a sweep's MLflow parent record ({e}); delete it to start anew") \
+                from e
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        run = lambda *args: subprocess.run(  # noqa: E731
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        commit = run("rev-parse", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def uses_mlflow(cfg: DictConfig) -> bool:
+    return OmegaConf.select(cfg, "logger._target_") == MLFLOW_LOGGER
+
+
+def run_tags(cfg: DictConfig, overrides: list[str], experiment: str | None = None) -> dict[str, str]:
+    """The tags every run carries: its experiment file, table, row and column (``report.*``), seed,
+    overrides and commit."""
+    commit = git_commit()
+    tags = {
+        "seed": str(cfg.seed),
+        "overrides": " ".join(overrides),
+        "git_commit": commit,
+        GIT_COMMIT_TAG: commit.removesuffix("-dirty"),
+    }
+    if experiment:
+        tags["experiment"] = experiment
+    report = OmegaConf.select(cfg, "report")
+    for key in ("table", "row", "column"):
+        value = None if report is None else report.get(key)
+        if value is not None:
+            tags[key] = str(value)
+    return tags
+
+
+def parent_for_job(sweep_dir: Path, tracking_uri: str | None) -> str | None:
+    """The parent run id a job in ``sweep_dir`` nests under, if its sweep made one in the same store."""
+    parent = SweepParent.read(sweep_dir)
+    if parent is None:
+        return None
+    from gta.tracking.mlflow import resolve_tracking_uri
+
+    return parent.run_id if resolve_tracking_uri(tracking_uri) == parent.tracking_uri else None
+
+
+class MLflowSweepCallback(Callback):
+    """Opens the sweep's parent run when a multirun starts and closes it when the multirun ends.
+
+    A sweep that stops on a failed job never reaches ``on_multirun_end``; the parent is then closed
+    as FAILED when the launching process exits.
+    """
+
+    def __init__(self) -> None:
+        self._parent: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Launchers pickle the callbacks to the jobs; the open parent stays in the launching process.
+        return {**self.__dict__, "_parent": None}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not uses_mlflow(config):
+            return
+        from gta.tracking.mlflow import MLflowLogger, resolve_tracking_uri
+
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        uri = resolve_tracking_uri(config.logger.tracking_uri)
+        previous = SweepParent.read(sweep_dir)
+        overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        if previous is not None and previous.tracking_uri == uri:
+            # The same sweep again (resuming): its jobs join the runs already under this parent.
+            logger = MLflowLogger(uri, run_id=previous.run_id, fallback_dir=sweep_dir)
+        else:
+            table = OmegaConf.select(config, "report.table")
+            experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment")
+            tags = run_tags(config, overrides, experiment)
+            for per_run in ("seed", "row", "column"):
+                tags.pop(per_run, None)
+            tags["sweep_dir"] = str(sweep_dir)
+            logger = MLflowLogger(
+                uri, experiment_name=config.logger.experiment_name, fallback_dir=sweep_dir,
+                run_name=f"{table or 'sweep'} {sweep_dir.name}", tags=tags,
+            )
+        SweepParent(logger.tracking_uri, logger.experiment_id, logger.run_id).write(sweep_dir)
+        self._parent = logger
+        atexit.register(self._close, "FAILED")
+        print(f"[sweep] parent {logger.location}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._parent is not None:
+            multirun = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+            if multirun.is_file():
+                self._parent.log_artifact(multirun)
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
+        if self._parent is not None:
+            self._parent.close(status)
+            self._parent = None
+
+
+def sweep_dir_of_job() -> Path | None:
+    """The sweep directory when this process runs a job of a ``--multirun`` sweep, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(os.path.abspath(str(hydra_cfg.sweep.dir)))

@@ -1,0 +1,207 @@
+"""The released code's behaviours (ALGORITHM.md §5): each switch alone, off by default, and the preset."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from test_methods import IPE, gta, make_batch, snapshot
+from tiny import TinySegmenter
+
+from gta.cli import CONF_DIR
+from gta.config import register_configs
+from gta.methods import Progress
+from gta.methods.pseudo_label import make_targets, teacher_targets, weighted_cross_entropy
+from gta.methods.reference import Reference
+from gta.methods.reweight import Confidence
+
+TOTAL = 4 * IPE  # warm-up epoch 0, first semi-supervised epoch 1, then epochs 2 and 3
+
+
+def shares(a, b) -> bool:
+    return all(x.data_ptr() == y.data_ptr() for x, y in zip(a, b, strict=True))
+
+
+def stepping(method, before=None, after=None, lr=0.1):
+    """An ``update`` with plain SGD that calls ``before(name)`` / ``after(name)`` around each step."""
+    opts = {n: torch.optim.SGD(m.parameters(), lr=lr) for n, m in method.trained_models().items()}
+
+    def update(name, loss):
+        if before:
+            before(name)
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+        if after:
+            after(name)
+
+    return update
+
+
+def run(method, iterations, **hooks):
+    for it in iterations:
+        method.training_step(make_batch(), Progress(it, IPE, TOTAL), stepping(method, **hooks))
+
+
+def test_paper_behaviour_is_the_default():
+    assert all(value is False for value in dataclasses.asdict(gta().reference).values())
+
+
+def test_shared_classifier_is_one_tensor_moved_by_both_optimisers():
+    method = gta(reference=Reference(shared_classifier=True))
+    student_g = method.student.mask_predictor_parameters()
+    assistant_g = method.assistant.mask_predictor_parameters()
+    run(method, range(2 * IPE))  # warm-up and the first semi-supervised epoch: separate tensors
+    assert not shares(student_g, assistant_g)
+
+    moved, seen = {}, {}
+    other = {"assistant": student_g, "student": assistant_g}
+
+    def before(name):
+        seen[name] = snapshot(other[name])
+
+    def after(name):
+        moved[name] = any(not torch.equal(p, p0) for p, p0 in zip(other[name], seen[name], strict=True))
+
+    run(method, [2 * IPE], before=before, after=after)
+    assert shares(student_g, assistant_g)
+    # the assistant's step (pseudo-labels) moves the student's g, and the student's step the assistant's
+    assert moved == {"assistant": True, "student": True}
+    # the feature extractors stay apart: only the EMA of Eq. 9 links them
+    f_student = method.student.feature_extractor_parameters()
+    assert not shares(f_student, method.assistant.feature_extractor_parameters())
+
+
+def test_resync_makes_the_first_semi_supervised_epoch_self_training():
+    method = gta(reference=Reference(resync_first_epoch=True))
+    student = list(method.student.parameters())
+    seen = {}
+
+    def before(name):
+        seen[name] = snapshot(student)
+
+    def after(name):
+        seen[name] = [not torch.equal(p, p0) for p, p0 in zip(student, seen[name], strict=True)]
+
+    run(method, range(IPE))
+    run(method, [IPE], before=before, after=after)
+    for model in (method.teacher, method.assistant):
+        assert shares(model.parameters(), student)
+    # the assistant's step on pseudo-labels trains the student itself, f and g alike
+    assert all(seen["assistant"])
+    run(method, range(IPE + 1, 3 * IPE))
+    for model in (method.teacher, method.assistant):  # the epoch is over: each model has its own tensors
+        assert not any(p.data_ptr() == q.data_ptr() for p, q in zip(model.parameters(), student, strict=True))
+
+
+def test_resync_with_shared_classifier_keeps_only_the_classifier_shared():
+    method = gta(reference=Reference(resync_first_epoch=True, shared_classifier=True))
+    run(method, range(3 * IPE))
+    s, a = method.student, method.assistant
+    assert shares(s.mask_predictor_parameters(), a.mask_predictor_parameters())
+    assert not any(p.data_ptr() == q.data_ptr() for p, q in zip(
+        s.feature_extractor_parameters(), a.feature_extractor_parameters(), strict=True))
+    assert not any(p.data_ptr() == q.data_ptr() for p, q in zip(
+        s.parameters(), method.teacher.parameters(), strict=True))
+
+
+def test_constant_assistant_lr():
+    assert gta().scheduled("assistant")
+    method = gta(reference=Reference(constant_assistant_lr=True))
+    assert not method.scheduled("assistant") and method.scheduled("student")
+
+
+def test_mixed_confidence_comes_from_a_train_mode_forward():
+    torch.manual_seed(0)
+    teacher = TinySegmenter(3)
+    teacher.train()(torch.rand(4, 3, 8, 8) * 5)  # running statistics unlike any batch: train != eval
+    x_u, padding = torch.rand(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long)
+    common = dict(drop=0.2, reweight=Confidence(1.0), cutmix_prob=0.0, ignore_index=255)
+    with torch.no_grad():
+        eval_probs = teacher.eval()(x_u).softmax(1)
+    paper = teacher_targets(teacher, x_u, padding, **common)
+    with torch.no_grad():
+        train_probs = teacher.train()(x_u).softmax(1)  # what the switch's forward sees (no mixing here)
+    reference = teacher_targets(teacher, x_u, padding, mixed_confidence=True, **common)
+    torch.testing.assert_close(paper.confidence, eval_probs.max(1).values)
+    torch.testing.assert_close(reference.confidence, train_probs.max(1).values, rtol=1e-4, atol=1e-5)
+    kept = reference.keep
+    assert torch.equal(reference.label[kept], eval_probs.argmax(1)[kept])  # labels: still the eval forward
+
+
+def test_dropped_pixels_in_the_normaliser():
+    c = torch.tensor([[[0.9, 0.6, 0.3, 0.2, 0.8]]])
+    valid = torch.tensor([[[True, True, True, True, False]]])  # the last pixel is crop padding
+    t = make_targets(torch.zeros(1, 3, 1, 5), c, torch.zeros(1, 1, 5, dtype=torch.long), valid, 0.25,
+                     Confidence(1.0), 255)
+    assert t.keep.tolist() == [[[True, True, True, False, False]]]  # one of four valid pixels dropped
+    logits = torch.randn(1, 2, 1, 5)
+    ce = torch.nn.functional.cross_entropy(logits, torch.zeros(1, 1, 5, dtype=torch.long), reduction="none")
+    raw = (c + 1) * t.keep
+    expected = (raw * ce).sum() / (raw.sum() + 1)
+    assert weighted_cross_entropy(logits, t, 255, dropped_in_normaliser=True).item() == pytest.approx(
+        expected.item(), rel=1e-6)
+    assert weighted_cross_entropy(logits, t, 255).item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_bn_from_forwards():
+    method = gta(reference=Reference(bn_from_forwards=True))
+    sizes = []
+    method.student.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    bn_t, bn_s = method.teacher.features[1], method.student.features[1]
+    run(method, range(IPE))
+    sizes.clear()
+    bn_s.running_mean.fill_(100.0)  # averaging the student's statistics would drag the teacher's up
+    run(method, [IPE])
+    assert sizes == [4]  # the student's one forward: 2 labeled + 2 unlabeled images
+    assert bn_t.running_mean.abs().max() < 10  # 0.1 * 100 if averaged: the teacher kept its own
+
+
+def test_warmup_trains_only_the_student_then_the_others_copy_it():
+    method = gta(reference=Reference(warmup_student_only=True))
+    teacher0, assistant0 = snapshot(method.teacher.parameters()), snapshot(method.assistant.parameters())
+    stats0 = method.teacher.features[1].running_mean.clone()
+    order = []
+    run(method, range(IPE), before=order.append)
+    assert order == ["student"] * IPE
+    assert all(torch.equal(p, p0) for p, p0 in zip(method.teacher.parameters(), teacher0, strict=True))
+    assert all(torch.equal(p, p0) for p, p0 in zip(method.assistant.parameters(), assistant0, strict=True))
+    assert not torch.equal(method.teacher.features[1].running_mean, stats0)  # it ran forwards
+
+    copied = []
+
+    def before(name):
+        if name == "assistant":  # the first semi-supervised step starts from copies of the student
+            copied.append(all(torch.equal(a, s) for a, s in zip(
+                method.assistant.parameters(), method.student.parameters(), strict=True)))
+
+    run(method, [IPE], before=before)
+    assert copied == [True]
+    assert not shares(method.assistant.parameters(), method.student.parameters())
+
+
+def test_everything_on_trains_through_every_phase():
+    method = gta(reference=Reference(*[True] * len(dataclasses.fields(Reference))))
+    run(method, range(TOTAL))
+    assert all(torch.isfinite(p).all() for p in method.parameters())
+
+
+@pytest.fixture(scope="module")
+def conf():
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield
+
+
+def test_preset_turns_every_switch_on(conf):
+    cfg = compose("train", overrides=["method=gta_reference"])
+    method = instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
+    assert all(dataclasses.asdict(method.reference).values())
+    assert method.ema.alpha == 0.999 and method.ema.ramp  # §5.6
+    one = compose("train", overrides=["method.reference.mixed_confidence=true"])
+    switches = instantiate(one.method.reference)
+    assert switches.mixed_confidence and not switches.shared_classifier

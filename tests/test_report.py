@@ -1,0 +1,67 @@
+"""The report's arithmetic and layout, from hand-made runs (no MLflow store needed)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from gta.report import Layout, cells, markdown, results, varying_keys
+
+
+def run(row=None, column=None, seed=0, miou=0.5, status="FINISHED", start=0, overrides="", **metrics):
+    tags = {"seed": str(seed), "overrides": overrides}
+    tags |= {"row": row} if row is not None else {}
+    tags |= {"column": column} if column is not None else {}
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=f"r{row}{column}{seed}{start}", status=status, start_time=start),
+        data=SimpleNamespace(tags=tags, metrics={"val/miou": miou, **metrics}),
+    )
+
+
+LAYOUT = Layout(
+    title="Table 1", rows={"suponly": "SupOnly", "gta": "GTA-Seg"}, columns={"92": "92", "183": "183"},
+    paper={"gta": {"92": 70.02, "183": 73.16}},
+)
+
+
+def test_mean_and_sample_std_over_seeds_with_paper_values():
+    runs = [run("gta", "92", s, v) for s, v in enumerate([0.70, 0.72, 0.74])]
+    runs += [run("suponly", "92", 0, 0.40), run("gta", "183", 0, 0.73)]
+    placed, notes = results(runs, LAYOUT)
+    rows, columns, table = cells(placed, LAYOUT)
+    assert not notes and rows == ["suponly", "gta"] and columns == ["92", "183"]
+    cell = table[("gta", "92")]
+    assert cell.mean == pytest.approx(72.0) and cell.std == pytest.approx(2.0) and cell.n == 3
+    assert cell.paper == 70.02 and math.isnan(table[("gta", "183")].std)
+    text = markdown(LAYOUT, rows, columns, table)
+    assert "| GTA-Seg | 72.00 ± 2.00 (n=3) | 70.02 | 73.00 (n=1) | 73.16 |" in text
+    assert "| SupOnly | 40.00 (n=1) |  |  |  |" in text
+
+
+def test_unfinished_runs_are_left_out_and_the_latest_rerun_wins():
+    runs = [run("gta", "92", 0, 0.1, start=1), run("gta", "92", 0, 0.3, start=2),
+            run("gta", "92", 1, 0.9, status="FAILED", start=3)]
+    placed, notes = results(runs, LAYOUT)
+    assert [r.value for r in placed] == [pytest.approx(30.0)]
+    assert len(notes) == 1 and "FAILED" in notes[0]
+
+
+def test_one_row_per_metric():
+    layout = Layout(metrics={"GTA": "val/assistant/miou", "teacher": "val/teacher/miou"},
+                    paper={"teacher": {"183": 73.16}})
+    runs = [run("model", "183", s, **{"val/assistant/miou": 0.6, "val/teacher/miou": 0.7}) for s in (0, 1)]
+    rows, columns, table = cells(results(runs, layout)[0], layout)
+    assert rows == ["GTA", "teacher"] and columns == ["183"]
+    assert table[("teacher", "183")].mean == pytest.approx(70.0) and table[("teacher", "183")].n == 2
+
+
+def test_without_row_tags_the_varying_overrides_are_the_axes():
+    runs = [run(seed=s, overrides=f"split=4 ema.alpha={a} method.warmup_epochs={w} seed={s}")
+            for a in ("0.9", "0.99") for w in ("0", "1") for s in (0, 1)]
+    assert varying_keys(runs) == ["ema.alpha", "method.warmup_epochs"]
+    rows, columns, table = cells(results(runs, Layout())[0], Layout())
+    assert rows == ["ema.alpha=0.9", "ema.alpha=0.99"]
+    assert columns == ["method.warmup_epochs=0", "method.warmup_epochs=1"]
+    assert all(cell.n == 2 for cell in table.values())

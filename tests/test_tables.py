@@ -1,0 +1,124 @@
+"""Experiment files: every paper grid composes point by point, and its instant twin runs end to end.
+
+A test fails when a file in experiments/ is not exercised: each grid (a file with
+``hydra.sweeper.params``) needs an instant twin in experiments/instant/, and each preset (a recipe
+without a grid) must be built on by some grid.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import partial
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from runs import ROOT, gta
+from tiny import TinySegmenter
+
+from gta.cli import CONF_DIR
+from gta.config import register_configs
+
+EXPERIMENTS_DIR = ROOT / "experiments"
+INSTANT_DIR = EXPERIMENTS_DIR / "instant"
+SHARED_TWIN_SETTINGS = "base"
+EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def sweep_params(name: str) -> dict[str, str]:
+    params = OmegaConf.select(OmegaConf.load(EXPERIMENTS_DIR / f"{name}.yaml"), "hydra.sweeper.params")
+    return dict(params or {})
+
+
+def defaults(path: Path) -> list[str]:
+    return [str(d) for d in OmegaConf.load(path).get("defaults", [])]
+
+
+GRIDS = [name for name in EXPERIMENTS if sweep_params(name)]
+PRESETS = [name for name in EXPERIMENTS if name not in GRIDS]
+
+
+@pytest.fixture(scope="module")
+def conf():
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield
+
+
+def grid_points(params: dict[str, str]) -> list[list[str]]:
+    """Every combination of the swept values, seeds aside (a seed never changes the composition)."""
+    axes = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()
+            if key != "seed"]
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def test_experiment_group_is_the_experiments_directory():
+    link = Path(CONF_DIR) / "experiment"
+    assert link.is_symlink() and link.resolve() == EXPERIMENTS_DIR.resolve()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_at_every_grid_point(conf, name):
+    """``+experiment=NAME`` composes, and so does each point of its grid, with a buildable method."""
+    base = compose("train", overrides=[f"+experiment={name}"], return_hydra_config=True)
+    params = dict(base.hydra.sweeper.params or {})
+    if name in GRIDS:
+        assert base.report.table == name
+        assert set(params.get("seed", "").split(",")) == {"0", "1", "2"}, "the paper reports seeds 0, 1, 2"
+    else:  # a paper recipe: the paper's network and schedule
+        assert base.model.encoder_name == "resnet101" and base.model.output_stride == 8
+        assert base.trainer.decoder_lr_mult == 10
+        assert base.data.batch_size == (2 if name == "cityscapes" else 3)  # per GPU, as released
+    for point in grid_points(params) or [[]]:
+        cfg = compose("train", overrides=[f"+experiment={name}", *point])
+        method = instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
+        assert method.reported in method.evaluated_models(), point
+
+
+def test_report_labels_are_values_of_the_grid(conf):
+    """Row and column keys a table names (for labels and paper values) are values its grid produces."""
+    for name in GRIDS:
+        cfg = compose("train", overrides=[f"+experiment={name}"])
+        report = cfg.report
+        swept = [str(v).split(",") for k, v in sweep_params(name).items() if k != "seed"]
+        values = set(itertools.chain.from_iterable(swept)) | {str(cfg.split)}
+        rows = set(report.rows) | set(report.paper)
+        columns = set(report.columns) | {column for row in report.paper.values() for column in row}
+        assert rows <= values | set(report.metrics), (name, rows - values)
+        assert columns <= values, (name, columns - values)
+
+
+def test_every_experiment_file_is_exercised():
+    files = {p.relative_to(EXPERIMENTS_DIR).with_suffix("").as_posix()
+             for p in EXPERIMENTS_DIR.rglob("*.yaml")}
+    twins = {f"instant/{name}" for name in GRIDS}
+    missing = sorted(twins - files)
+    assert not missing, f"grids without an instant twin: {missing}"
+    extra = sorted(files - set(EXPERIMENTS) - twins - {f"instant/{SHARED_TWIN_SETTINGS}"})
+    assert not extra, f"experiment files that no test composes or runs: {extra}"
+    for twin in twins:  # each twin is its table plus the shared instant settings
+        table = twin.removeprefix("instant/")
+        assert defaults(EXPERIMENTS_DIR / f"{twin}.yaml")[:2] == [
+            f"/experiment/{table}", f"/experiment/instant/{SHARED_TWIN_SETTINGS}"], twin
+    built_on = set()
+    for name in EXPERIMENTS:
+        for entry in defaults(EXPERIMENTS_DIR / f"{name}.yaml"):
+            built_on.add(entry.removeprefix("/experiment/"))
+    unused = sorted(set(PRESETS) - built_on)
+    assert not unused, f"presets that no grid builds on (so no instant twin runs them): {unused}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GRIDS)
+def test_instant_twin_runs(name, tmp_path):
+    """The twin's whole grid (one seed) trains and evaluates end to end on the CPU."""
+    twin = OmegaConf.load(INSTANT_DIR / f"{name}.yaml")
+    params = sweep_params(name) | dict(OmegaConf.select(twin, "hydra.sweeper.params") or {})
+    sweep = tmp_path / "sweep"
+    result = gta("train", "--multirun", f"+experiment=instant/{name}", "seed=0", "logger=none", "device=cpu",
+                 f"dataset.root={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}")
+    points = len(grid_points(params))
+    assert result.stdout.count("<- reported") == points
+    assert len(list(sweep.glob("*/config.yaml"))) == points

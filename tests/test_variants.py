@@ -1,0 +1,195 @@
+"""The ablation variants of ALGORITHM.md §3 as config options: Unbiased ST, Table 7 data routing,
+warm-up length, transmission scope and re-weighting, each composed from the config tree and checked."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from test_methods import IPE, gta, make_batch, sgd_update, snapshot
+from tiny import TinySegmenter
+
+from gta.cli import CONF_DIR
+from gta.config import register_configs
+from gta.methods import GTASeg, Progress, UnbiasedST
+from gta.methods.ema import EMA
+from gta.methods.reweight import Confidence, Uniform
+from gta.models import Segmenter
+
+AFTER_WARMUP = Progress(IPE, IPE, 4 * IPE)
+
+
+def watch(batch):
+    batch.unlabeled.requires_grad_(True)
+    batch.image.requires_grad_(True)
+    return batch
+
+
+def reaches(loss, tensors):
+    grads = torch.autograd.grad(loss, list(tensors), retain_graph=True, allow_unused=True)
+    return [g is not None and bool(g.abs().sum() > 0) for g in grads]
+
+
+# --- Unbiased ST ------------------------------------------------------------------------------------------
+
+
+def unbiased(**kw) -> UnbiasedST:
+    torch.manual_seed(0)
+    return UnbiasedST(partial(TinySegmenter, 3), EMA(0.9, ramp=False), Confidence(1.0), **kw)
+
+
+def test_unbiased_st_heads_learn_from_their_own_data_and_share_f():
+    method = unbiased()
+    student = method.student
+    main_head = list(student.network.head.parameters())
+    pseudo_head = list(student.pseudo_head.parameters())
+    f = student.network.feature_extractor_parameters()
+    batch = watch(make_batch())
+    seen = {}
+
+    def check(name, loss):
+        assert name == "student"
+        stats_l = torch.nn.functional.cross_entropy(student(batch.image), batch.mask)
+        seen["main head"] = reaches(loss, main_head)
+        seen["pseudo head"] = reaches(loss, pseudo_head)
+        seen["f"] = reaches(loss, f)
+        # the labeled part alone never reaches the pseudo head
+        seen["labels to pseudo head"] = reaches(stats_l, pseudo_head)
+
+    teacher0 = snapshot(method.teacher.parameters())
+    stats = method.training_step(batch, AFTER_WARMUP, sgd_update(method, check=check))
+    assert set(stats) == {"loss_l", "loss_u", "kept"}
+    assert all(seen["main head"]) and all(seen["pseudo head"]) and all(seen["f"])
+    assert not any(seen["labels to pseudo head"])
+    assert stats["loss_u"] > 0
+    # the teacher is the EMA of the student's network (f and main head), never of the pseudo head
+    for t, t0, s in zip(method.teacher.parameters(), teacher0, student.network.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
+
+
+def test_unbiased_st_pseudo_labels_never_reach_the_main_head():
+    method = unbiased()
+    main_head = list(method.student.network.head.parameters())
+    batch = watch(make_batch())
+    loss_u = torch.nn.functional.cross_entropy(method.student.pseudo(batch.unlabeled), batch.mask)
+    assert not any(reaches(loss_u, main_head))
+    assert all(reaches(loss_u, method.student.pseudo_head.parameters()))
+
+
+def test_unbiased_st_evaluates_and_reports_only_the_labeled_head():
+    method = unbiased()
+    assert method.reported == "teacher" and set(method.evaluated_models()) == {"teacher", "student"}
+    x = torch.rand(2, 3, 8, 8)
+    method.eval()
+    torch.testing.assert_close(method.student(x), method.student.network(x))
+    assert not torch.allclose(method.student(x), method.student.pseudo(x))
+    groups = method.student.param_groups(10.0)
+    assert groups[-1]["name"] == "pseudo_head" and groups[-1]["lr_mult"] == 10.0
+    assert sum(len(g["params"]) for g in groups) == len(list(method.student.parameters()))
+
+
+def test_unbiased_st_warmup_trains_the_main_head_only():
+    method = unbiased()
+    head0 = snapshot(method.student.pseudo_head.parameters())
+    stats = method.training_step(make_batch(), Progress(0, IPE, 4 * IPE), sgd_update(method))
+    assert set(stats) == {"loss_l"}
+    head = method.student.pseudo_head.parameters()
+    assert all(torch.equal(p, p0) for p, p0 in zip(head, head0, strict=True))
+
+
+def test_segmenter_second_mask_predictor_shares_the_feature_extractor():
+    torch.manual_seed(0)
+    net = Segmenter(3, encoder_name="tu-resnet10t", decoder_channels=16).eval()
+    x = torch.rand(1, 3, 40, 36)  # not a multiple of the stride: padded and cropped back
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, mask_predictor=net.net.segmentation_head), net(x))
+        head = net.new_mask_predictor()
+        out = net(x, mask_predictor=head)
+    assert out.shape == (1, 3, 40, 36)
+    assert not any(p is q for p in head.parameters() for q in net.parameters())
+    two_part = Segmenter(3, encoder_name="tu-resnet10t", decoder_channels=16,
+                         mask_predictor=["segmentation_head", "decoder.block2"])
+    with pytest.raises(ValueError, match="model.mask_predictor"):
+        two_part.new_mask_predictor()
+
+
+# --- Table 7: what the assistant and the student learn from -----------------------------------------------
+
+
+@pytest.mark.parametrize(("assistant_data", "student_data"), [
+    ("pseudo", "labeled"), ("labeled", "pseudo"), ("labeled+pseudo", "labeled"), ("labeled+pseudo", "pseudo"),
+])
+def test_data_routing(assistant_data, student_data):
+    method = gta(assistant_data=assistant_data, student_data=student_data)
+    batch = watch(make_batch())
+    seen = {}
+
+    opts = {n: torch.optim.SGD(m.parameters(), lr=0.1) for n, m in method.trained_models().items()}
+
+    def update(name, loss):
+        to_unlabeled, to_labeled = reaches(loss, [batch.unlabeled, batch.image])
+        seen[name] = {"unlabeled": to_unlabeled, "labeled": to_labeled}
+        opts[name].zero_grad()
+        loss.backward(retain_graph=True)  # both models may share the graph of the watched, CutMixed x_u
+        opts[name].step()
+
+    stats = method.training_step(batch, AFTER_WARMUP, update)
+    for name, data in (("assistant", assistant_data), ("student", student_data)):
+        sources = data.split("+")
+        assert seen[name] == {"unlabeled": "pseudo" in sources, "labeled": "labeled" in sources}, name
+        expected = {f"{name}/loss_{'l' if s == 'labeled' else 'u'}" for s in sources}
+        assert expected <= set(stats)
+
+
+def test_data_routing_rejects_unknown_data():
+    with pytest.raises(ValueError, match=r"method.student_data.*'unlabeled'"):
+        gta(student_data="unlabeled")
+
+
+def test_warmup_length_trains_all_three_on_labels_for_that_many_epochs():
+    method = gta(warmup_epochs=2)
+    order = []
+    for it in range(3 * IPE):
+        method.training_step(make_batch(), Progress(it, IPE, 3 * IPE), sgd_update(method, order))
+    assert order == ["teacher", "student", "assistant"] * 2 * IPE + ["assistant", "student"] * IPE
+
+
+# --- every variant is reachable from the config tree ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def conf():
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield
+
+
+def build(overrides):
+    cfg = compose("train", overrides=overrides)
+    return instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
+
+
+@pytest.mark.parametrize(("overrides", "check"), [
+    (["method=unbiased_st"], lambda m: isinstance(m, UnbiasedST)),
+    (["method.transmit=all"], lambda m: m.transmit == "all"),
+    (["method.assistant_data=labeled", "method.student_data=pseudo"],
+     lambda m: (m.assistant_data, m.student_data) == ("labeled", "pseudo")),
+    (["method.assistant_data=labeled+pseudo"], lambda m: m.assistant_data == "labeled+pseudo"),
+    (["method.warmup_epochs=3"], lambda m: m.warmup_epochs == 3),
+    (["reweight=none"], lambda m: isinstance(m.reweight, Uniform)),
+    (["reweight=confidence"], lambda m: isinstance(m.reweight, Confidence) and m.reweight.tau == 0.0),
+    (["reweight=laplace"], lambda m: isinstance(m.reweight, Confidence) and m.reweight.tau == 1.0),
+])
+def test_variant_options_compose(conf, overrides, check):
+    method = build(overrides)
+    assert check(method), overrides
+
+
+def test_paper_defaults(conf):
+    method = build([])
+    assert isinstance(method, GTASeg)
+    assert (method.transmit, method.assistant_data, method.student_data, method.warmup_epochs) == (
+        "feature_extractor", "pseudo", "labeled", 1)
