@@ -69,3 +69,17 @@ def test_bad_input_fails_with_a_message_naming_the_culprit(overrides, culprit, t
     result = gta("train", *TINY, f"dataset.root={data_root}", "logger=none", *overrides, cwd=tmp_path)
     assert result.returncode != 0
     assert culprit in result.stderr, result.stderr[-2000:]
+
+
+def test_logger_none_runs_without_ever_importing_mlflow(tmp_path, data_root):
+    overrides = [*TINY, f"dataset.root={data_root}", "logger=none", "method=suponly", f"hydra.run.dir={tmp_path}/run"]
+    code = (
+        "import sys\nfrom gta.cli import main\n"
+        f"main(['train', *{overrides!r}])\n"
+        "print('mlflow imported:', 'mlflow' in sys.modules)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mlflow imported: False" in result.stdout
