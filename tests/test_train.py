@@ -36,7 +36,9 @@ def test_multirun_of_all_methods_logs_each_run_to_mlflow(tmp_path, data_root):
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("gta").experiment_id])
-    by_method = {r.data.params["method._target_"].rsplit(".", 1)[1]: r for r in runs}
+    jobs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == len(jobs) + 1 and len({r.data.tags["mlflow.parentRunId"] for r in jobs}) == 1
+    by_method = {r.data.params["method._target_"].rsplit(".", 1)[1]: r for r in jobs}
     assert set(by_method) == {"SupOnly", "MeanTeacher", "GTASeg"}
     for name, run in by_method.items():
         assert run.info.status == "FINISHED"
