@@ -77,21 +77,25 @@ def uses_mlflow(cfg: DictConfig) -> bool:
     return OmegaConf.select(cfg, "logger._target_") == MLFLOW_LOGGER
 
 
-def run_tags(cfg: DictConfig, overrides: list[str], experiment: str | None = None) -> dict[str, str]:
-    """The tags every run carries: its experiment file, table, row and column (``report.*``), seed,
-    overrides and commit."""
+def sweep_tags(cfg: DictConfig, overrides: list[str], experiment: str | None = None) -> dict[str, str]:
+    """What a sweep's parent and its jobs share: experiment file, table, overrides and commit."""
     commit = git_commit()
-    tags = {
-        "seed": str(cfg.seed),
-        "overrides": " ".join(overrides),
-        "git_commit": commit,
-        GIT_COMMIT_TAG: commit.removesuffix("-dirty"),
-    }
+    tags = {"overrides": " ".join(overrides), "git_commit": commit}
+    tags[GIT_COMMIT_TAG] = commit.removesuffix("-dirty")
     if experiment:
         tags["experiment"] = experiment
-    report = OmegaConf.select(cfg, "report")
-    for key in ("table", "row", "column"):
-        value = None if report is None else report.get(key)
+    table = OmegaConf.select(cfg, "report.table")
+    if table is not None:
+        tags["table"] = str(table)
+    return tags
+
+
+def run_tags(cfg: DictConfig, overrides: list[str], experiment: str | None = None) -> dict[str, str]:
+    """The tags every run carries: those of :func:`sweep_tags`, its seed, and its row and column in the
+    table (``report.row`` / ``report.column``, resolved for this run)."""
+    tags = sweep_tags(cfg, overrides, experiment) | {"seed": str(cfg.seed)}
+    for key in ("row", "column"):
+        value = OmegaConf.select(cfg, f"report.{key}")
         if value is not None:
             tags[key] = str(value)
     return tags
@@ -136,10 +140,7 @@ class MLflowSweepCallback(Callback):
         else:
             table = OmegaConf.select(config, "report.table")
             experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment")
-            tags = run_tags(config, overrides, experiment)
-            for per_run in ("seed", "row", "column"):
-                tags.pop(per_run, None)
-            tags["sweep_dir"] = str(sweep_dir)
+            tags = sweep_tags(config, overrides, experiment) | {"sweep_dir": str(sweep_dir)}
             logger = MLflowLogger(
                 uri, experiment_name=config.logger.experiment_name, fallback_dir=sweep_dir,
                 run_name=f"{table or 'sweep'} {sweep_dir.name}", tags=tags,
