@@ -61,10 +61,10 @@ def test_unbiased_st_heads_learn_from_their_own_data_and_share_f():
 
     teacher0 = snapshot(method.teacher.parameters())
     stats = method.training_step(batch, AFTER_WARMUP, sgd_update(method, check=check))
-    assert set(stats) == {"loss_l", "loss_u", "kept"}
+    assert set(stats) == {"student/loss_l", "student/loss_u", "kept"}
     assert all(seen["main head"]) and all(seen["pseudo head"]) and all(seen["f"])
     assert not any(seen["labels to pseudo head"])
-    assert stats["loss_u"] > 0
+    assert stats["student/loss_u"] > 0
     # the teacher is the EMA of the student's network (f and main head), never of the pseudo head
     for t, t0, s in zip(method.teacher.parameters(), teacher0, student.network.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
@@ -95,7 +95,7 @@ def test_unbiased_st_warmup_trains_the_main_head_only():
     method = unbiased()
     head0 = snapshot(method.student.pseudo_head.parameters())
     stats = method.training_step(make_batch(), Progress(0, IPE, 4 * IPE), sgd_update(method))
-    assert set(stats) == {"loss_l"}
+    assert set(stats) == {"student/loss_l"}
     head = method.student.pseudo_head.parameters()
     assert all(torch.equal(p, p0) for p, p0 in zip(head, head0, strict=True))
 

@@ -73,7 +73,7 @@ class UnbiasedST(Method):
         loss_l = F.cross_entropy(self.student(batch.image), batch.mask, ignore_index=self.ignore_index)
         if progress.epoch < self.warmup_epochs:
             update("student", loss_l)
-            return {"loss_l": loss_l.detach()}
+            return {"student/loss_l": loss_l.detach()}
 
         targets = teacher_targets(
             self.teacher, batch.unlabeled, batch.unlabeled_mask, drop=self.drop, reweight=self.reweight,
@@ -84,4 +84,4 @@ class UnbiasedST(Method):
         update("student", loss_l + self.unsup_weight * loss_u)
         k = progress.iteration - self.warmup_epochs * progress.iters_per_epoch
         ema_model_(self.teacher, self.student.network, self.ema.decay(k))
-        return {"loss_l": loss_l.detach(), "loss_u": loss_u.detach(), "kept": targets.keep.float().mean()}
+        return {"student/loss_l": loss_l.detach(), "student/loss_u": loss_u.detach(), "kept": targets.keep.float().mean()}
