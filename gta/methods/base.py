@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gta.methods.ema import EMA
+from gta.methods.pseudo_label import PseudoLabels, teacher_targets
+
 Update = Callable[[str, torch.Tensor], None]
 
 
@@ -68,3 +71,30 @@ class Method(nn.Module):
     def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, torch.Tensor]:
         """One iteration; returns the scalars worth logging (detached)."""
         raise NotImplementedError
+
+
+class SelfTraining(Method):
+    """A method whose teacher pseudo-labels the unlabeled batch: holds the shared settings (EMA decay,
+    re-weighting, drop fraction, μ, warm-up, CutMix) and makes the targets of steps 1-3 of Algorithm 1."""
+
+    def __init__(
+        self,
+        ema: EMA,
+        reweight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        ignore_index: int,
+        drop: float,
+        unsup_weight: float,
+        warmup_epochs: int,
+        cutmix_prob: float,
+    ) -> None:
+        super().__init__()
+        self.ema, self.reweight = ema, reweight
+        self.ignore_index, self.drop, self.unsup_weight = ignore_index, drop, unsup_weight
+        self.warmup_epochs, self.cutmix_prob = warmup_epochs, cutmix_prob
+
+    def pseudo_labels(self, batch: Batch, **options) -> PseudoLabels:
+        """The teacher's targets for ``batch.unlabeled`` (``options`` go to ``teacher_targets``)."""
+        return teacher_targets(
+            self.teacher, batch.unlabeled, batch.unlabeled_mask, drop=self.drop, reweight=self.reweight,
+            cutmix_prob=self.cutmix_prob, ignore_index=self.ignore_index, **options,
+        )

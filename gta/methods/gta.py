@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gta.methods.base import Batch, Method, Progress, Update
+from gta.methods.base import Batch, Progress, SelfTraining, Update
 from gta.methods.ema import EMA, ema_, ema_model_
-from gta.methods.pseudo_label import PseudoLabels, teacher_targets, weighted_cross_entropy
+from gta.methods.pseudo_label import PseudoLabels, weighted_cross_entropy
 from gta.methods.reference import Reference, copy_, share_, unshare_
 
 TRANSMIT = ("feature_extractor", "all")
@@ -22,7 +22,7 @@ TRANSMIT = ("feature_extractor", "all")
 DATA = ("labeled", "pseudo", "labeled+pseudo")
 
 
-class GTASeg(Method):
+class GTASeg(SelfTraining):
     def __init__(
         self,
         model: Callable[[], nn.Module],
@@ -38,16 +38,14 @@ class GTASeg(Method):
         student_data: str = "labeled",
         reference: Reference | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
         if transmit not in TRANSMIT:
             raise ValueError(f"method.transmit must be one of {TRANSMIT}, got '{transmit}'")
         for key, value in (("assistant_data", assistant_data), ("student_data", student_data)):
             if value not in DATA:
                 raise ValueError(f"method.{key} must be one of {DATA}, got '{value}'")
         self.teacher, self.student, self.assistant = model(), model(), model()
-        self.ema, self.reweight = ema, reweight
-        self.ignore_index, self.drop, self.unsup_weight = ignore_index, drop, unsup_weight
-        self.warmup_epochs, self.cutmix_prob, self.transmit = warmup_epochs, cutmix_prob, transmit
+        self.transmit = transmit
         self.assistant_data, self.student_data = assistant_data, student_data
         #: the released code's behaviours (ALGORITHM.md §5); all off: the paper's
         self.reference = reference or Reference()
@@ -98,11 +96,7 @@ class GTASeg(Method):
         decay = self.ema.decay(progress.iteration - self.warmup_epochs * progress.iters_per_epoch)
 
         # Steps 1-3: the teacher's pseudo-labels, least confident pixels dropped, re-weighted (Eq. 6).
-        targets = teacher_targets(
-            self.teacher, batch.unlabeled, batch.unlabeled_mask, drop=self.drop, reweight=self.reweight,
-            cutmix_prob=self.cutmix_prob, ignore_index=self.ignore_index,
-            mixed_confidence=self.reference.mixed_confidence,
-        )
+        targets = self.pseudo_labels(batch, mixed_confidence=self.reference.mixed_confidence)
 
         # Steps 4-5 (Eqs. 7-8): the assistant learns from pseudo-labels only (method.assistant_data).
         assistant = self.losses(self.assistant, self.assistant_data, batch, targets)

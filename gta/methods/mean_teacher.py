@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gta.methods.base import Batch, Method, Progress, Update
+from gta.methods.base import Batch, Progress, SelfTraining, Update
 from gta.methods.ema import EMA, ema_model_
-from gta.methods.pseudo_label import teacher_targets, weighted_cross_entropy
+from gta.methods.pseudo_label import weighted_cross_entropy
 
 
-class MeanTeacher(Method):
+class MeanTeacher(SelfTraining):
     def __init__(
         self,
         model: Callable[[], nn.Module],
@@ -25,13 +25,10 @@ class MeanTeacher(Method):
         warmup_epochs: int = 1,
         cutmix_prob: float = 0.5,
     ) -> None:
-        super().__init__()
+        super().__init__(ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
         self.student = model()
         self.teacher = model()
         self.teacher.requires_grad_(False)
-        self.ema, self.reweight = ema, reweight
-        self.ignore_index, self.drop, self.unsup_weight = ignore_index, drop, unsup_weight
-        self.warmup_epochs, self.cutmix_prob = warmup_epochs, cutmix_prob
 
     def trained_models(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -47,10 +44,7 @@ class MeanTeacher(Method):
             return {"student/loss_l": loss_l.detach()}
 
         k = progress.iteration - self.warmup_epochs * progress.iters_per_epoch
-        targets = teacher_targets(
-            self.teacher, batch.unlabeled, batch.unlabeled_mask, drop=self.drop, reweight=self.reweight,
-            cutmix_prob=self.cutmix_prob, ignore_index=self.ignore_index,
-        )
+        targets = self.pseudo_labels(batch)
         # One forward over x_l and x_u together, so BatchNorm sees both, as in the usual Mean Teacher.
         logits = self.student(torch.cat([batch.image, targets.image]))
         logits_l, logits_u = logits.split([batch.image.shape[0], targets.image.shape[0]])

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gta.methods.base import Batch, Method, Progress, Update
+from gta.methods.base import Batch, Progress, SelfTraining, Update
 from gta.methods.ema import EMA, ema_model_
-from gta.methods.pseudo_label import teacher_targets, weighted_cross_entropy
+from gta.methods.pseudo_label import weighted_cross_entropy
 
 
 class WithPseudoHead(nn.Module):
@@ -42,7 +42,7 @@ class WithPseudoHead(nn.Module):
         return [*groups, {"params": head, "lr_mult": decoder_lr_mult, "name": "pseudo_head"}]
 
 
-class UnbiasedST(Method):
+class UnbiasedST(SelfTraining):
     def __init__(
         self,
         model: Callable[[], nn.Module],
@@ -54,13 +54,10 @@ class UnbiasedST(Method):
         warmup_epochs: int = 1,
         cutmix_prob: float = 0.5,
     ) -> None:
-        super().__init__()
+        super().__init__(ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
         self.student = WithPseudoHead(model())
         self.teacher = model()
         self.teacher.requires_grad_(False)
-        self.ema, self.reweight = ema, reweight
-        self.ignore_index, self.drop, self.unsup_weight = ignore_index, drop, unsup_weight
-        self.warmup_epochs, self.cutmix_prob = warmup_epochs, cutmix_prob
 
     def trained_models(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -75,10 +72,7 @@ class UnbiasedST(Method):
             update("student", loss_l)
             return {"student/loss_l": loss_l.detach()}
 
-        targets = teacher_targets(
-            self.teacher, batch.unlabeled, batch.unlabeled_mask, drop=self.drop, reweight=self.reweight,
-            cutmix_prob=self.cutmix_prob, ignore_index=self.ignore_index,
-        )
+        targets = self.pseudo_labels(batch)
         # The main head sees only ground truth, the pseudo head only pseudo-labels; f learns from both.
         loss_u = weighted_cross_entropy(self.student.pseudo(targets.image), targets, self.ignore_index)
         update("student", loss_l + self.unsup_weight * loss_u)
