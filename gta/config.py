@@ -36,6 +36,10 @@ class DatasetConfig:
     crop_size: int = 513
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
+    #: the class that labels crop padding (null: ignore_index, never a class); the released code uses 0
+    pad_label: int | None = None
+    #: draw half of the rescale factors below this value and half above (null: uniform over scale_range)
+    scale_pivot: float | None = None
 
 
 @dataclass
@@ -138,7 +142,7 @@ class GTAConfig(MeanTeacherConfig):
     #: what the assistant and the student learn from (Table 7): "labeled", "pseudo" or "labeled+pseudo"
     assistant_data: str = "pseudo"
     student_data: str = "labeled"
-    #: switches for the released code's behaviours (method=gta_reference turns them all on)
+    #: switches for the released code's behaviours (variant=gta_reference turns them all on)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
@@ -240,6 +244,8 @@ class EvalConfig:
     #: which of the method's models are evaluated during training: "reported" (the teacher for GTA-Seg),
     #: "all" (Table 6) or a list of names; the reported model is always among them
     models: Any = "reported"
+    #: center_crop pads smaller images with this label (the dataset's pad_label; null: no padding)
+    pad_label: Any = "${dataset.pad_label}"
 
 
 # --- report --------------------------------------------------------------------------------------

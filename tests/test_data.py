@@ -13,6 +13,7 @@ from torchvision import tv_tensors
 
 from gta.data import (
     EpochSampler,
+    RandomRescale,
     Sample,
     SegmentationFiles,
     SegmentationSource,
@@ -164,6 +165,24 @@ def test_train_transform_pads_masks_with_ignore_index():
     black = (torch.zeros(3) - torch.tensor(MEAN)) / torch.tensor(STD)
     assert torch.allclose(image[:, padding], black[:, None].expand(3, int(padding.sum())))
     assert (image[:, ~padding] > 2).all()  # the white image pixels stay where the mask says
+
+
+def test_train_transform_pad_label_labels_the_padding():
+    tf = train_transform(32, (1.0, 1.0), MEAN, STD, ignore_index=255, pad_label=0)
+    _, mask = tf(*_inputs(np.zeros((10, 12, 3), np.uint8), np.full((10, 12), 3, np.uint8)))
+    assert (mask == 0).sum() == 32 * 32 - 10 * 12 and (mask == 3).sum() == 10 * 12 and not (mask == 255).any()
+
+
+def test_rescale_pivot_draws_half_the_factors_on_each_side():
+    torch.manual_seed(0)
+    rescale = RandomRescale((0.5, 2.0), pivot=1.0)
+    factors = np.array([rescale.make_params([tv_tensors.Image(torch.zeros(3, 100, 100))])["size"][0] / 100
+                        for _ in range(2000)])
+    assert 0.45 < (factors < 1.0).mean() < 0.55  # uniform over [0.5, 2] would give 1/3
+    assert factors.min() >= 0.5 and factors.max() <= 2.0
+    assert 0.7 < factors[factors < 1].mean() < 0.8 and 1.4 < factors[factors >= 1].mean() < 1.6
+    with pytest.raises(ValueError, match="scale_pivot=3"):
+        RandomRescale((0.5, 2.0), pivot=3.0)
 
 
 def test_train_transform_keeps_image_and_mask_aligned():

@@ -63,6 +63,20 @@ def test_center_crop_scores_only_the_center():
     assert whole["m"].tolist() == [[16, 0], [84, 0]]
 
 
+def test_center_crop_pads_small_images_with_pad_label():
+    class Constant(nn.Module):
+        def forward(self, x):
+            return torch.stack([torch.zeros_like(x[:, 0]), torch.ones_like(x[:, 0])], 1)  # always class 1
+
+    batches = [(torch.zeros(1, 3, 3, 5), torch.ones(1, 3, 5, dtype=torch.long))]
+    cpu = torch.device("cpu")
+    padded = confusion_matrices({"m": Constant()}, batches, 2, 255, EvalProtocol("center_crop", 6, pad_label=0), cpu)
+    # 15 real pixels of class 1, and 36 - 15 padding pixels that count as class 0 (ALGORITHM.md §5.8)
+    assert padded["m"].tolist() == [[0, 21], [0, 15]]
+    plain = confusion_matrices({"m": Constant()}, batches, 2, 255, EvalProtocol("center_crop", 6), cpu)
+    assert plain["m"].tolist() == [[0, 0], [0, 15]]
+
+
 def test_confusion_matrix_ignores_255():
     class Perfect(nn.Module):
         def forward(self, x):

@@ -198,10 +198,16 @@ def conf():
 
 
 def test_preset_turns_every_switch_on(conf):
-    cfg = compose("train", overrides=["method=gta_reference"])
+    cfg = compose("train", overrides=["variant=gta_reference"])
     method = instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
     assert all(dataclasses.asdict(method.reference).values())
     assert method.ema.alpha == 0.999 and method.ema.ramp  # §5.6
+    assert cfg.dataset.pad_label == 0 and cfg.dataset.scale_pivot == 1.0  # §5.8, §5.10
+    assert instantiate(cfg.eval).pad_label == 0  # §5.8 in validation too
+    # the preset's values are defaults like any other: the command line still wins
+    assert compose("train", overrides=["variant=gta_reference", "ema.alpha=0.99"]).method.ema.alpha == 0.99
+    paper = compose("train")
+    assert paper.dataset.pad_label is None and paper.dataset.scale_pivot is None and paper.method.ema.alpha == 0.99
     one = compose("train", overrides=["method.reference.mixed_confidence=true"])
     switches = instantiate(one.method.reference)
     assert switches.mixed_confidence and not switches.shared_classifier

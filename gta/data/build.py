@@ -233,8 +233,9 @@ def build_loaders(
     epoch_set = split.unlabeled or split.labeled
     iters_per_epoch = math.ceil(len(epoch_set) / (batch_size * world_size))
     augment = train_transform(
-        source.crop_size, source.scale_range, source.mean, source.std, source.ignore_index, source.flip
-    )
+        source.crop_size, source.scale_range, source.mean, source.std, source.ignore_index, source.flip,
+        source.pad_label, source.scale_pivot,
+    )  # fmt: skip
     common = {
         "num_workers": num_workers,
         "pin_memory": pin_memory,

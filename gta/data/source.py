@@ -109,6 +109,8 @@ class SegmentationSource:
         crop_size: int = 513,
         scale_range: Sequence[float] = (0.5, 2.0),
         flip: bool = True,
+        pad_label: int | None = None,
+        scale_pivot: float | None = None,
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -128,6 +130,10 @@ class SegmentationSource:
             raise ValueError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+        if scale_pivot is not None and not scale_range[0] <= scale_pivot <= scale_range[1]:
+            raise ValueError(f"scale_pivot={scale_pivot} lies outside scale_range {list(scale_range)}")
+        if pad_label is not None and not 0 <= pad_label < num_classes:
+            raise ValueError(f"pad_label={pad_label} is not a class index (0..{num_classes - 1})")
 
         self.root = Path(root).expanduser()
         self.num_classes = num_classes
@@ -139,6 +145,7 @@ class SegmentationSource:
         self.crop_size = crop_size
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip = flip
+        self.pad_label, self.scale_pivot = pad_label, scale_pivot
 
     def pools(self) -> dict[str, list[Sample]]:
         """``{'labeled': pool labeled subsets are drawn from, 'unlabeled': images that are only ever

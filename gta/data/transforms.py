@@ -21,21 +21,29 @@ __all__ = ["RandomRescale", "eval_transform", "train_transform"]
 class RandomRescale(v2.Transform):
     """Rescale image and mask by one factor drawn uniformly from ``scale_range``.
 
+    With ``pivot`` (inside the range), half of the factors are drawn uniformly from [low, pivot) and half
+    from [pivot, high): the released GTA-Seg code's rescale (ALGORITHM.md §5.10), which for (0.5, 2.0) and
+    pivot 1 shrinks as often as it enlarges.
+
     Images use bilinear (antialiased) interpolation and masks nearest-exact, which samples at the same
     pixel centres as bilinear does, so labels stay aligned with the image. (Plain "nearest" is shifted by
     up to half a pixel.)
     """
 
-    def __init__(self, scale_range: Sequence[float] = (0.5, 2.0)) -> None:
+    def __init__(self, scale_range: Sequence[float] = (0.5, 2.0), pivot: float | None = None) -> None:
         super().__init__()
         low, high = (float(v) for v in scale_range)
         if not 0 < low <= high:
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
-        self.scale_range = (low, high)
+        if pivot is not None and not low <= pivot <= high:
+            raise ValueError(f"scale_pivot={pivot} lies outside scale_range [{low}, {high}]")
+        self.scale_range, self.pivot = (low, high), pivot
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
         low, high = self.scale_range
+        if self.pivot is not None:
+            low, high = (low, self.pivot) if torch.rand(()).item() < 0.5 else (self.pivot, high)
         factor = low + (high - low) * torch.rand(()).item()
         return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
 
@@ -60,17 +68,17 @@ def train_transform(
     std: Sequence[float],
     ignore_index: int,
     flip: bool = True,
+    pad_label: int | None = None,
+    scale_pivot: float | None = None,
 ) -> v2.Compose:
     """Random rescale, horizontal flip and a ``crop_size`` crop; images smaller than the crop are padded
-    with black pixels labelled ``ignore_index`` so the padding never counts as a class."""
-    steps: list[v2.Transform] = [RandomRescale(scale_range)]
+    with black pixels labelled ``ignore_index`` so the padding never counts as a class (``pad_label``
+    labels them with that class instead, as the released code does with background: ALGORITHM.md §5.8)."""
+    steps: list[v2.Transform] = [RandomRescale(scale_range, scale_pivot)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
-    steps.append(
-        v2.RandomCrop(
-            crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
-        )
-    )
+    fill = ignore_index if pad_label is None else pad_label
+    steps.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: fill}))
     return v2.Compose(steps + _to_float_and_normalize(mean, std))
 
 

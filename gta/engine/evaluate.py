@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -22,6 +23,10 @@ class EvalProtocol:
     stride: int = 513
     #: "reported", "all" (Table 6: teacher, student and assistant) or a list of model names
     models: str | Sequence[str] = "reported"
+    #: center_crop only: pad images smaller than the crop to ``crop_size``, the padding labelled with this
+    #: class, so that it counts in the confusion matrix (the released code's VOC validation: ALGORITHM.md
+    #: §5.8); None evaluates the (smaller) image as it is
+    pad_label: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -54,8 +59,16 @@ class EvalProtocol:
         return {name: model for name, model in models.items() if name in wanted}
 
 
-def center_crop(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def center_crop(
+    image: torch.Tensor, mask: torch.Tensor, size: int, pad_label: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The central ``size`` x ``size`` window; with ``pad_label`` a smaller image is first padded at the
+    bottom and right (image with zeros, i.e. the mean colour once normalised; mask with ``pad_label``)."""
     h, w = image.shape[-2:]
+    if pad_label is not None and (h < size or w < size):
+        border = (0, max(0, size - w), 0, max(0, size - h))
+        image, mask = F.pad(image, border, value=0.0), F.pad(mask, border, value=pad_label)
+        h, w = image.shape[-2:]
     top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
     return image[..., top : top + size, left : left + size], mask[..., top : top + size, left : left + size]
 
@@ -111,7 +124,7 @@ def confusion_matrices(
     for image, mask in _flatten(batches):
         image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         if protocol.mode == "center_crop":
-            image, mask = center_crop(image, mask, protocol.crop_size)
+            image, mask = center_crop(image, mask, protocol.crop_size, protocol.pad_label)
         for name, model in models.items():
             pred = predict_logits(model, image, protocol, num_classes).argmax(dim=1)
             meters[name].update(pred, mask)

@@ -1,8 +1,8 @@
 """Where the released GTA-Seg training code differs from the paper (ALGORITHM.md §5), as switches.
 
-Every switch is off by default (the paper's behaviour); ``method=gta_reference`` turns them all on.
-The EMA decay of the released code (§5.6, 0.999) is ``ema.alpha``; its data-pipeline differences (§5.8
-padding label, §5.10 rescale) belong to the data pipeline, not to the method.
+Every switch is off by default (the paper's behaviour); ``variant=gta_reference`` turns them all on.
+The released code's EMA decay (§5.6, 0.999) is ``ema.alpha``; its data-pipeline differences are
+``dataset.pad_label`` (§5.8) and ``dataset.scale_pivot`` (§5.10).
 """
 
 from __future__ import annotations
