@@ -220,6 +220,8 @@ class TrainerConfig:
     checkpoint_every: int = 500
     #: on a NaN/inf loss: "stop" (fail naming model, loss and iteration) or "skip" the optimiser step
     on_nonfinite: str = "stop"
+    #: "auto" (a bar on a terminal, else a plain line every log_every iterations), "bar", "lines", "none"
+    progress: str = "auto"
 
 
 @dataclass

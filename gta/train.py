@@ -121,6 +121,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             num_classes=source.num_classes, ignore_index=source.ignore_index,
             class_names=list(source.class_names), run_dir=run_dir, logger=logger,
             checkpoint_every=cfg.trainer.checkpoint_every, on_nonfinite=cfg.trainer.on_nonfinite,
+            progress=cfg.trainer.progress,
         )
         if state is not None:
             trainer.resume(state, checkpoint)

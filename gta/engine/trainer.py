@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from tqdm.auto import tqdm
 
 from gta.engine.checkpoint import (
     FORMAT,
@@ -30,6 +29,7 @@ from gta.engine.checkpoint import (
     set_rng_state,
 )
 from gta.engine.evaluate import EvalProtocol, confusion_matrices, iou_from_confusion
+from gta.engine.progress import ProgressReport
 from gta.engine.schedule import poly_factor, set_lr
 from gta.engine.signals import StopSignals, TrainingInterrupted
 from gta.methods.base import Batch, Method, Progress
@@ -78,6 +78,7 @@ class Trainer:
         logger: Logger | None = None,
         checkpoint_every: int = 0,
         on_nonfinite: str = "stop",
+        progress: str = "auto",
     ) -> None:
         self.method = method.to(device)
         self.loaders = loaders
@@ -99,6 +100,7 @@ class Trainer:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"trainer.on_nonfinite must be one of {ON_NONFINITE}, got '{on_nonfinite}'")
         self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
+        self.progress = progress
         self.checkpoints = Checkpointer(run_dir / "checkpoints")
         self.models = {**method.evaluated_models(), **method.trained_models()}
         distinct = {id(m): m for m in self.models.values()}.values()
@@ -122,9 +124,8 @@ class Trainer:
         started = time.perf_counter()
         batches = self._batches(self.start_iter)
         self.method.train()
-        bar = tqdm(range(self.start_iter, self.total_iters), desc="train", dynamic_ncols=True,
-                   initial=self.start_iter, total=self.total_iters)
-        for it in bar:
+        report = ProgressReport(self.start_iter, self.total_iters, self.log_every, self.progress)
+        for it in range(self.start_iter, self.total_iters):
             self._iteration = it + 1
             progress = Progress(it, self.loaders.iters_per_epoch, self.total_iters)
             factor = poly_factor(it, self.total_iters, self.poly_power)
@@ -143,21 +144,24 @@ class Trainer:
                 metrics.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()})
                 metrics["epoch"] = progress.epoch
                 self.logger.log_metrics(metrics, step=step)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("train/")})
+                report.set({k.removeprefix("train/"): v for k, v in metrics.items() if k.startswith("train/")})
+                report.set({"lr": next(iter(self.optimizers.values())).param_groups[0]["lr"]})
                 self._sums, self._count = {}, 0
             if (self.eval_every and step % self.eval_every == 0) or step == self.total_iters:
                 result = self.evaluate(step)
-                bar.write(f"step {step}: " + ", ".join(f"{n} mIoU {v:.2%}" for n, v in result.miou.items()))
+                report.write(f"step {step}: " + ", ".join(f"{n} mIoU {v:.2%}" for n, v in result.miou.items()))
+                report.set({"mIoU": 100 * result.miou[self.method.reported]}, ".1f")
                 self._keep_if_best(result)
                 self.method.train()
+            report.advance(step)
             signum = stop.received
             due = self.checkpoint_every and step % self.checkpoint_every == 0
             if signum or due or step == self.total_iters:
                 path = self.save_checkpoint(step)
             if signum and stop.hand_over():
-                bar.close()
+                report.close()
                 raise TrainingInterrupted(signum, step, path)
-        bar.close()
+        report.close()
         if not self.history:  # resumed from the final checkpoint: nothing left to train
             self.evaluate(self.total_iters)
         self.wall_time = time.perf_counter() - started
