@@ -181,3 +181,24 @@ def test_cutmix_keeps_image_label_and_confidence_aligned():
     for i in range(b):  # each image got exactly half its area from its partner
         assert (mixed_label[i] == (i + 1) % b).float().mean().item() == pytest.approx(0.5, abs=0.05)
     assert cutmix([image], prob=0.0)[0] is image
+
+
+@pytest.mark.parametrize("make", [gta, lambda: MeanTeacher(partial(TinySegmenter, 3), EMA(0.9), Confidence(1.0))])
+def test_inspect_shows_the_targets_and_changes_nothing(make):
+    method = make()
+    batch = make_batch()
+    batch.unlabeled_mask[:, :, 6:] = 255  # two columns of crop padding
+    before = snapshot(method.state_dict().values())
+    rng = torch.get_rng_state()
+    maps = method.inspect(batch)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(method.state_dict().values()), strict=True))
+    assert list(maps) == ["pseudo-label", "confidence", "dropped", "weight"]
+    assert all(m.shape == (2, 8, 8) for m in maps.values())
+    label, confidence, dropped, weight = maps.values()
+    assert label.dtype == torch.long and dropped.dtype == torch.bool and weight.is_floating_point()
+    padding = batch.unlabeled_mask == 255
+    assert (label[padding] == 255).all() and not dropped[padding].any()
+    assert (label[dropped] == 255).all() and (weight[dropped] == 0).all()
+    assert dropped.sum() == int(method.drop * (~padding).sum())  # distinct confidences: exactly the fraction
+    assert ((confidence > 0) & (confidence <= 1)).all()

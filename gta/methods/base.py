@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gta.methods.ema import EMA
-from gta.methods.pseudo_label import PseudoLabels, teacher_targets
+from gta.methods.pseudo_label import PseudoLabels, make_targets, predict, teacher_targets
 
 Update = Callable[[str, torch.Tensor], None]
 
@@ -72,6 +72,12 @@ class Method(nn.Module):
         """One iteration; returns the scalars worth logging (detached)."""
         raise NotImplementedError
 
+    def inspect(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-pixel maps (B x H x W) of what the method makes of ``batch.unlabeled``, by title, for the
+        pictures logged at each evaluation: integer maps are classes (the ignore index: none), boolean maps
+        a selection, float maps values >= 0. It must change no state and draw no random numbers."""
+        return {}
+
 
 class SelfTraining(Method):
     """A method whose teacher pseudo-labels the unlabeled batch: holds the shared settings (EMA decay,
@@ -98,3 +104,16 @@ class SelfTraining(Method):
             self.teacher, batch.unlabeled, batch.unlabeled_mask, drop=self.drop, reweight=self.reweight,
             cutmix_prob=self.cutmix_prob, ignore_index=self.ignore_index, **options,
         )
+
+    @torch.no_grad()
+    def inspect(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Steps 1-3 on the un-mixed unlabeled images: ŷ, c, the dropped pixels and the weights w (Eq. 6)."""
+        confidence, label = predict(self.teacher, batch.unlabeled)
+        valid = batch.unlabeled_mask != self.ignore_index
+        targets = make_targets(batch.unlabeled, confidence, label, valid, self.drop, self.reweight, self.ignore_index)
+        return {
+            "pseudo-label": targets.label,
+            "confidence": targets.confidence,
+            "dropped": valid & ~targets.keep,
+            "weight": targets.weight,
+        }
