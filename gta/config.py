@@ -343,6 +343,18 @@ class PredictCommandConfig:
     alpha: float = 0.5
 
 
+@dataclass
+class ExportCommandConfig:
+    """``python -m gta export``: a saved model as a file for use outside Python (see gta/export.py)."""
+
+    checkpoint: str = MISSING
+    config: str | None = None
+    model_name: str = "teacher"
+    output: str = MISSING
+    #: "torchscript" or "onnx" (needs the onnx package)
+    format: str = "torchscript"
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {
         "synthetic": SyntheticConfig,
@@ -369,6 +381,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalCommandConfig)
     cs.store(name="predict_schema", node=PredictCommandConfig)
+    cs.store(name="export_schema", node=ExportCommandConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=group, name=f"schema_{name}", node=node)

@@ -1,7 +1,9 @@
-"""``python -m gta predict``: a saved model applied to image files."""
+"""``python -m gta predict`` and ``python -m gta export``: a saved model applied to image files, and written
+out for use outside Python."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from runs import gta
 from gta.cli import CONF_DIR
 from gta.config import register_configs
 from gta.data import voc_palette
+from gta.export import run as export
 from gta.predict import run as predict
 
 NUM_CLASSES = 6  # the synthetic dataset's
@@ -95,6 +98,30 @@ def test_predict_errors_name_the_culprit(run_dir, tmp_path):
         predict(compose("predict", overrides=[checkpoint, f"input={inputs / 'notes.txt'}", common[1]]))
     with pytest.raises(ValueError, match="is the input directory"):
         predict(compose("predict", overrides=[checkpoint, f"input={inputs}", f"output={inputs}"]))
+
+
+def test_torchscript_export_gives_the_models_logits(run_dir, tmp_path):
+    output = tmp_path / "model.pt"
+    export(compose("export", overrides=[f"checkpoint={run_dir / 'teacher.pt'}", f"output={output}"]))
+    exported = torch.jit.load(str(output))
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    model = instantiate(cfg.model)
+    model.load_state_dict(torch.load(run_dir / "teacher.pt", weights_only=True))
+    model.eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.dataset.mean, cfg.dataset.std))
+    for shape in [(1, 3, 64, 64), (2, 3, 37, 53)]:  # a multiple of the network's stride, and not
+        rgb = torch.rand(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(rgb), model((rgb - mean) / std))
+
+
+def test_onnx_export_without_onnx_says_what_to_install(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx fails, whether or not it is installed
+    overrides = [f"checkpoint={run_dir / 'teacher.pt'}", f"output={tmp_path / 'model.onnx'}", "format=onnx"]
+    with pytest.raises(ImportError, match="pip install onnx"):
+        export(compose("export", overrides=overrides))
+    with pytest.raises(ValueError, match="format must be one of"):
+        export(compose("export", overrides=[*overrides[:2], "format=tflite"]))
 
 
 @pytest.mark.slow
