@@ -30,6 +30,20 @@ def evaluate(cfg: DictConfig) -> float:
     return run(cfg)
 
 
+@hydra.main(config_path=CONF_DIR, config_name="predict", version_base="1.3")
+def predict(cfg: DictConfig) -> int:
+    from gta.predict import run
+
+    return run(cfg)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
+def export(cfg: DictConfig) -> Path:
+    from gta.export import run
+
+    return run(cfg)
+
+
 def report() -> None:
     """Tabulate a sweep like the paper (``python -m gta report --help``)."""
     from gta.report import main as report_main
@@ -37,7 +51,7 @@ def report() -> None:
     report_main(sys.argv[1:])
 
 
-COMMANDS = {"train": train, "eval": evaluate, "report": report}
+COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "export": export, "report": report}
 USAGE = "usage: python -m gta {" + ",".join(COMMANDS) + "} [key=value ...] [--multirun] [--help]"
 
 

@@ -331,6 +331,38 @@ class EvalCommandConfig:
     data: EvalDataOverrides = field(default_factory=EvalDataOverrides)
 
 
+@dataclass
+class PredictCommandConfig:
+    """``python -m gta predict``: segment image files with a saved model (see gta/predict.py)."""
+
+    #: as for ``eval``: a ``<model>.pt`` state_dict or a training-state checkpoint with "models"
+    checkpoint: str = MISSING
+    #: the run's resolved config; null: config.yaml beside the checkpoint or one directory up
+    config: str | None = None
+    model_name: str = "teacher"
+    #: an image file or a directory of them
+    input: str = MISSING
+    #: where <stem>.png (class ids, palette PNG) and <stem>_overlay.jpg go
+    output: str = MISSING
+    #: also read the sub-directories of a directory input (mirrored under output)
+    recursive: bool = False
+    device: str = "auto"
+    #: opacity of the coloured prediction in the overlay
+    alpha: float = 0.5
+
+
+@dataclass
+class ExportCommandConfig:
+    """``python -m gta export``: a saved model as a file for use outside Python (see gta/export.py)."""
+
+    checkpoint: str = MISSING
+    config: str | None = None
+    model_name: str = "teacher"
+    output: str = MISSING
+    #: "torchscript" or "onnx" (needs the onnx package)
+    format: str = "torchscript"
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {
         "synthetic": SyntheticConfig,
@@ -356,6 +388,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalCommandConfig)
+    cs.store(name="predict_schema", node=PredictCommandConfig)
+    cs.store(name="export_schema", node=ExportCommandConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=group, name=f"schema_{name}", node=node)

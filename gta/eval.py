@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from gta.data import build_val_loader
 from gta.engine.evaluate import confusion_matrices, iou_from_confusion
@@ -77,13 +78,12 @@ def run_config(cfg: DictConfig) -> DictConfig:
     return run_cfg
 
 
-def run(cfg: DictConfig) -> float:
+def load_model(cfg: DictConfig) -> tuple[nn.Module, DictConfig]:
+    """The model saved in ``cfg.checkpoint`` (``cfg.model_name`` of a training-state checkpoint), on the CPU
+    in eval mode, and its run's config with the command's values laid over it (:func:`run_config`)."""
     checkpoint = Path(cfg.checkpoint).expanduser()
     state = load_model_state(checkpoint, cfg.model_name)
     run_cfg = run_config(cfg)
-    device = resolve_device(run_cfg.get("device", "auto"))
-
-    source = instantiate(run_cfg.dataset)
     # The weights come from the checkpoint: never download or read pretrained encoder weights.
     model = instantiate(run_cfg.model, encoder_weights=None, weights_path=None)
     incompatible = model.load_state_dict(state, strict=False)
@@ -93,6 +93,14 @@ def run(cfg: DictConfig) -> float:
             f"{run_cfg.model.encoder_name}): missing {incompatible.missing_keys[:3]}, unexpected "
             f"{incompatible.unexpected_keys[:3]}"
         )
+    return model.eval(), run_cfg
+
+
+def run(cfg: DictConfig) -> float:
+    checkpoint = Path(cfg.checkpoint).expanduser()
+    model, run_cfg = load_model(cfg)
+    device = resolve_device(run_cfg.get("device", "auto"))
+    source = instantiate(run_cfg.dataset)
     protocol = instantiate(run_cfg.eval)
     data = run_cfg.get("data", {})
     val = build_val_loader(
