@@ -222,6 +222,9 @@ class TrainerConfig:
     on_nonfinite: str = "stop"
     #: "auto" (a bar on a terminal, else a plain line every log_every iterations), "bar", "lines", "none"
     progress: str = "auto"
+    #: pictures logged with each evaluation (gta/engine/snapshots.py): this many validation images and
+    #: unlabeled ones, with IoU and confusion charts; 0: none
+    snapshot_images: int = 4
 
 
 @dataclass

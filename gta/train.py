@@ -14,8 +14,9 @@ from gta.data import build_loaders, select_split, write_split
 from gta.engine.checkpoint import LAST, load_checkpoint
 from gta.engine.runtime import ensure_writable, resolve_device, seed_everything
 from gta.engine.signals import TrainingInterrupted
+from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import Trainer
-from gta.tracking import flatten_config
+from gta.tracking import NullLogger, flatten_config
 from gta.tracking.sweep import parent_for_job, run_tags, sweep_dir_of_job, uses_mlflow
 
 
@@ -76,6 +77,16 @@ def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def snapshots(cfg: DictConfig, source, val, logger) -> Snapshots | None:
+    """The pictures of each evaluation, unless there is nowhere to log them."""
+    if cfg.trainer.snapshot_images <= 0 or isinstance(logger, NullLogger):
+        return None
+    return Snapshots(
+        val, cfg.trainer.snapshot_images, palette=source.palette, class_names=source.class_names,
+        mean=source.mean, std=source.std, protocol=instantiate(cfg.eval),
+    )
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     run_dir = ensure_writable(Path(run_dir or output_dir()))
     overrides = task_overrides()
@@ -121,7 +132,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             num_classes=source.num_classes, ignore_index=source.ignore_index,
             class_names=list(source.class_names), run_dir=run_dir, logger=logger,
             checkpoint_every=cfg.trainer.checkpoint_every, on_nonfinite=cfg.trainer.on_nonfinite,
-            progress=cfg.trainer.progress,
+            progress=cfg.trainer.progress, snapshots=snapshots(cfg, source, loaders.val.dataset, logger),
         )
         if state is not None:
             trainer.resume(state, checkpoint)

@@ -55,6 +55,26 @@ def test_multirun_of_all_methods_logs_each_run_to_mlflow(tmp_path, data_root):
     assert gta_metrics["val/miou"] == gta_metrics["val/teacher/miou"]
     assert "train/assistant/loss_u" in by_method["GTASeg"].data.metrics  # past warm-up, the assistant learned
 
+    # the pictures of the evaluation at step 4, read back from the store
+    from PIL import Image
+
+    def pictures(run):
+        return {a.path.rsplit("/", 1)[1]: a for a in client.list_artifacts(run.info.run_id, "images/step_000004")}
+
+    gta_run = by_method["GTASeg"].info.run_id
+    assert set(pictures(by_method["GTASeg"])) == {"validation.png", "unlabeled.png"} | {
+        f"{chart}_{model}.png" for chart in ("iou", "confusion") for model in ("teacher", "student", "assistant")
+    }
+    assert "unlabeled.png" not in pictures(by_method["SupOnly"])  # it never sees an unlabeled image
+    folder = Path(client.download_artifacts(gta_run, "images/step_000004", str(tmp_path / "pictures")))
+    # 4 rows of image | truth | teacher | student | assistant, the 32-pixel panels enlarged 4 times
+    validation = Image.open(folder / "validation.png")
+    assert validation.mode == "RGB" and 5 * 128 < validation.width < 5 * 128 + 60
+    assert 4 * 128 < validation.height < 4 * 128 + 60
+    unlabeled = Image.open(folder / "unlabeled.png")  # 2 rows: image | pseudo-label | confidence | dropped | weight
+    assert 5 * 128 < unlabeled.width < 5 * 128 + 60 and 2 * 128 < unlabeled.height < 2 * 128 + 60
+    assert min(Image.open(folder / "iou_teacher.png").size) >= 200
+
 
 @pytest.mark.parametrize(("overrides", "culprit"), [
     (["trainer.itres=3"], "trainer.itres"),

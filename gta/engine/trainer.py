@@ -32,6 +32,7 @@ from gta.engine.evaluate import EvalProtocol, confusion_matrices, iou_from_confu
 from gta.engine.progress import ProgressReport
 from gta.engine.schedule import poly_factor, set_lr
 from gta.engine.signals import StopSignals, TrainingInterrupted
+from gta.engine.snapshots import Snapshots
 from gta.methods.base import Batch, Method, Progress
 from gta.tracking import Logger, NullLogger
 
@@ -79,6 +80,7 @@ class Trainer:
         checkpoint_every: int = 0,
         on_nonfinite: str = "stop",
         progress: str = "auto",
+        snapshots: Snapshots | None = None,
     ) -> None:
         self.method = method.to(device)
         self.loaders = loaders
@@ -100,7 +102,8 @@ class Trainer:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"trainer.on_nonfinite must be one of {ON_NONFINITE}, got '{on_nonfinite}'")
         self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
-        self.progress = progress
+        self.progress, self.snapshots = progress, snapshots
+        self._batch: Batch | None = None  # the latest training batch, for the pictures of an evaluation
         self.checkpoints = Checkpointer(run_dir / "checkpoints")
         self.models = {**method.evaluated_models(), **method.trained_models()}
         distinct = {id(m): m for m in self.models.values()}.values()
@@ -132,7 +135,8 @@ class Trainer:
             for name, opt in self.optimizers.items():
                 set_lr(opt, factor if self.method.scheduled(name) else 1.0)
 
-            stats = self.method.training_step(next(batches), progress, self._update)
+            self._batch = next(batches)
+            stats = self.method.training_step(self._batch, progress, self._update)
 
             # Losses stay on the device until a log step: one host sync per log_every iterations.
             for key, value in stats.items():
@@ -238,6 +242,10 @@ class Trainer:
                 }
             )
         self.logger.log_metrics(metrics, step=step)
+        if self.snapshots is not None:
+            self.snapshots.log(
+                self.logger, step, self.eval_models, result.iou, confusion, self.method, self._batch, self.device
+            )
         return result
 
     def _keep_if_best(self, result: EvalResult) -> None:
