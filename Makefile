@@ -31,4 +31,7 @@ ui: setup ## browse the runs: MLflow UI on http://127.0.0.1:5000
 compare: setup ## SupOnly vs Mean Teacher vs GTA-Seg on the embedded dataset, 3 seeds each (~30 min on 2 cores)
 	$(PY) scripts/compare_methods.py
 
-.PHONY: help setup demo test lint ui compare
+figure: setup ## docs/images/results.png: predictions of a short GTA-Seg run (CPU, ~3 min on 2 cores)
+	$(PY) scripts/readme_figure.py
+
+.PHONY: help setup demo test lint ui compare figure

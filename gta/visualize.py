@@ -8,6 +8,7 @@ so no display and no pyplot state are involved.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "denormalize",
     "grid",
     "iou_chart",
+    "legend",
     "overlay",
 ]
 
@@ -110,6 +112,21 @@ def grid(
         for j, panel in enumerate(row):
             canvas.paste(panel, (int(left[j]), int(top[i])))
     return canvas
+
+
+def legend(class_names: Sequence[str], palette: Sequence[Sequence[int]], columns: int | None = None) -> Image.Image:
+    """A colour swatch and the name of every class, ``columns`` to a line (default: all on one)."""
+    font = ImageFont.load_default(size=14)
+    columns = columns or len(class_names)
+    line, swatch = 22, 14
+    cell = swatch + 6 + max(int(font.getlength(name)) for name in class_names) + 16
+    image = Image.new("RGB", (cell * columns, line * math.ceil(len(class_names) / columns)), "white")
+    draw = ImageDraw.Draw(image)
+    for k, (name, color) in enumerate(zip(class_names, palette, strict=False)):
+        x, y = (k % columns) * cell + 4, (k // columns) * line + (line - swatch) // 2
+        draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=tuple(color), outline="grey")
+        draw.text((x + swatch + 6, y + swatch / 2), name, fill="black", font=font, anchor="lm")
+    return image
 
 
 def _render(figure: Figure) -> Image.Image:

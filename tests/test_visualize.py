@@ -17,6 +17,7 @@ from gta.visualize import (
     denormalize,
     grid,
     iou_chart,
+    legend,
     overlay,
 )
 
@@ -66,6 +67,14 @@ def test_grid_size_counts_panels_titles_and_gaps():
     assert titled.width == 3 * 60 + 4 * 4 and titled.height > 2 * 40 + 3 * 4
     with pytest.raises(ValueError, match="3 columns but 2 titles"):
         grid(rows, ["image", "truth"])
+
+
+def test_legend_shows_every_class_colour():
+    one_line = np.asarray(legend(NAMES, PALETTE))
+    for color in PALETTE[1:]:  # the swatches (black is also the text)
+        assert (one_line == color).all(axis=-1).any()
+    wrapped = legend(NAMES, PALETTE, columns=4)
+    assert wrapped.height == 2 * one_line.shape[0] and wrapped.width < one_line.shape[1]
 
 
 @pytest.mark.parametrize("num_classes", [6, 21])
