@@ -58,6 +58,10 @@ class Snapshots:
     def _colors(self, labels: torch.Tensor) -> np.ndarray:
         return visualize.colorize(labels, self.palette)
 
+    def _with_legend(self, picture: Image.Image) -> Image.Image:
+        columns = min(len(self.class_names), 6)
+        return visualize.grid([[picture], [visualize.legend(self.class_names, self.palette, columns)]], gap=0)
+
     @torch.no_grad()
     def validation(self, models: Mapping[str, nn.Module], device: torch.device) -> Image.Image:
         rows = []
@@ -68,7 +72,7 @@ class Snapshots:
                 logits = predict_logits(model, image[None].to(device), self.protocol, len(self.class_names))
                 row.append(self._colors(logits.argmax(1)[0]))
             rows.append([_fit(panel) for panel in row])
-        return visualize.grid(rows, ["image", "ground truth", *models])
+        return self._with_legend(visualize.grid(rows, ["image", "ground truth", *models]))
 
     def unlabeled(self, method: Method, batch: Batch) -> Image.Image | None:
         """One row per unlabeled image: the image, then each map of ``method.inspect``."""
@@ -91,7 +95,7 @@ class Snapshots:
             titles.append(title)
         images = [visualize.denormalize(x, self.mean, self.std) for x in part.unlabeled]
         rows = [[_fit(panel) for panel in (image, *(c[i] for c in columns))] for i, image in enumerate(images)]
-        return visualize.grid(rows, titles)
+        return self._with_legend(visualize.grid(rows, titles))
 
     def log(
         self,
