@@ -9,9 +9,12 @@ A checkpoint is a dict of plain data (tensors, numbers, strings, lists, dicts), 
     optimizers   {name: state_dict} of every optimiser
     iteration    iterations completed; with iters_per_epoch it fixes the epoch and the sampler position
     epoch, iters_per_epoch
-    rng          Python, NumPy, torch CPU and CUDA generator states
+    rng          Python, NumPy, torch CPU and CUDA generator states (of rank 0 when data-parallel)
+    rng_other_ranks
+                 the same for ranks 1, 2, ... of a data-parallel run (empty for one process)
     best         {"step", "miou"} of the best evaluation so far, or None
-    metrics      the training losses summed since the last log step, so logged averages do not change
+    metrics      the training losses summed since the last log step (averaged over the ranks), so logged
+                 averages do not change
     run_id       the tracking run to continue, or None
 
 Files are written to a temporary sibling, fsynced and renamed over the old one, so a kill or a full disk

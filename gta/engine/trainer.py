@@ -9,7 +9,6 @@ the interrupted one stopped (see ``gta.engine.checkpoint``).
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from gta.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from gta.engine.distributed import Distributed, to_sync_batchnorm
 from gta.engine.evaluate import EvalProtocol, confusion_matrices, iou_from_confusion
 from gta.engine.progress import ProgressReport
 from gta.engine.schedule import poly_factor, set_lr
@@ -81,8 +81,15 @@ class Trainer:
         on_nonfinite: str = "stop",
         progress: str = "auto",
         snapshots: Snapshots | None = None,
+        dist: Distributed | None = None,
+        sync_bn: bool = False,
+        check_sync_every: int = 0,
     ) -> None:
+        if sync_bn:
+            to_sync_batchnorm(method, device)
         self.method = method.to(device)
+        self.dist = dist or Distributed(device=device)
+        self.check_sync_every = check_sync_every
         self.loaders = loaders
         self.device = device
         self.optimizers = {
@@ -109,6 +116,7 @@ class Trainer:
         distinct = {id(m): m for m in self.models.values()}.values()
         if sum(len(m.state_dict()) for m in distinct) != len(method.state_dict()):
             raise ValueError(f"{type(method).__name__} keeps state outside its models; checkpoints miss it")
+        self.dist.broadcast_models(distinct)  # every rank starts from rank 0's models
         self.start_iter = 0  # iterations already done (after resume)
         self.best: dict | None = None  # {"step", "miou"} of the best evaluation of the reported model
         self.saved: tuple[Path, int] | None = None  # the last checkpoint written and its iteration
@@ -127,7 +135,8 @@ class Trainer:
         started = time.perf_counter()
         batches = self._batches(self.start_iter)
         self.method.train()
-        report = ProgressReport(self.start_iter, self.total_iters, self.log_every, self.progress)
+        mode = self.progress if self.dist.is_main else "none"  # one report for all ranks
+        report = ProgressReport(self.start_iter, self.total_iters, self.log_every, mode)
         for it in range(self.start_iter, self.total_iters):
             self._iteration = it + 1
             progress = Progress(it, self.loaders.iters_per_epoch, self.total_iters)
@@ -137,14 +146,18 @@ class Trainer:
 
             self._batch = next(batches)
             stats = self.method.training_step(self._batch, progress, self._update)
+            self.dist.average_buffers(self.models.values())
 
             # Losses stay on the device until a log step: one host sync per log_every iterations.
             for key, value in stats.items():
                 self._sums[key] = self._sums.get(key, 0.0) + value.detach().float()
             self._count += 1
             step = it + 1
+            if self.check_sync_every and (step % self.check_sync_every == 0 or step == self.total_iters):
+                self.dist.check_sync(self.models, step)
             if step % self.log_every == 0 or step == self.total_iters:
-                metrics = {f"train/{key}": float(total) / self._count for key, total in self._sums.items()}
+                sums = self.dist.mean(self._sums)  # the losses of the whole global batch
+                metrics = {f"train/{key}": float(total) / self._count for key, total in sums.items()}
                 metrics.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()})
                 metrics["epoch"] = progress.epoch
                 self.logger.log_metrics(metrics, step=step)
@@ -158,7 +171,7 @@ class Trainer:
                 self._keep_if_best(result)
                 self.method.train()
             report.advance(step)
-            signum = stop.received
+            signum = stop.received = self.dist.first_signal(stop.received)  # all ranks stop together
             due = self.checkpoint_every and step % self.checkpoint_every == 0
             if signum or due or step == self.total_iters:
                 path = self.save_checkpoint(step)
@@ -173,8 +186,9 @@ class Trainer:
 
     def _update(self, name: str, loss: torch.Tensor) -> None:
         # One host sync per step; it keeps a NaN out of the weights (and out of every later checkpoint).
-        value = float(loss.detach())
-        if not math.isfinite(value):
+        # Every rank sees every rank's loss, so all of them skip or stop together.
+        value = self.dist.nonfinite(loss)
+        if value is not None:
             message = f"non-finite loss {value} for model '{name}' at iteration {self._iteration}"
             if self.on_nonfinite == "skip":
                 warnings.warn(f"{message}; step skipped (trainer.on_nonfinite=skip)", RuntimeWarning, 3)
@@ -190,6 +204,7 @@ class Trainer:
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.average_gradients(optimizer)
         optimizer.step()
 
     def _batches(self, start_iter: int = 0) -> Iterator[Batch]:
@@ -252,11 +267,16 @@ class Trainer:
         miou = result.miou[self.method.reported]
         if self.best is None or miou > self.best["miou"]:
             self.best = {"step": result.step, "miou": miou}
-            self.checkpoints.save(self.state_dict(result.step), best=True)
+            state = self.state_dict(result.step)
+            if self.dist.is_main:
+                self.checkpoints.save(state, best=True)
 
     # --- checkpoints -----------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict:
-        """Everything needed to continue after iteration ``step`` exactly (layout: gta.engine.checkpoint)."""
+        """Everything needed to continue after iteration ``step`` exactly (layout: gta.engine.checkpoint).
+
+        With several processes every rank must call it: it gathers their generators and losses."""
+        rng = self.dist.gather_object(rng_state())
         return {
             "format": FORMAT,
             "method": type(self.method).__name__,
@@ -265,14 +285,16 @@ class Trainer:
             "iteration": step,
             "epoch": step // self.loaders.iters_per_epoch,
             "iters_per_epoch": self.loaders.iters_per_epoch,
-            "rng": rng_state(),
+            "rng": rng[0],
+            "rng_other_ranks": rng[1:],
             "best": self.best,
-            "metrics": {"sums": {k: v.cpu() for k, v in self._sums.items()}, "count": self._count},
+            "metrics": {"sums": {k: v.cpu() for k, v in self.dist.mean(self._sums).items()}, "count": self._count},
             "run_id": self.logger.run_id,
         }
 
     def save_checkpoint(self, step: int) -> Path:
-        path = self.checkpoints.save(self.state_dict(step))
+        state = self.state_dict(step)
+        path = self.checkpoints.save(state) if self.dist.is_main else self.checkpoints.last
         self.saved = (path, step)
         return path
 
@@ -294,7 +316,15 @@ class Trainer:
         self._sums = {k: v.to(self.device) for k, v in state["metrics"]["sums"].items()}
         self._count = state["metrics"]["count"]
         self.saved = (Path(source), state["iteration"])
-        set_rng_state(state["rng"])
+        saved_rng = [state["rng"], *state.get("rng_other_ranks", [])]
+        if len(saved_rng) != self.dist.world_size and self.dist.is_main:
+            warnings.warn(
+                f"{source} was written by {len(saved_rng)} processes, this run has {self.dist.world_size}: ranks "
+                "without a saved random state keep a fresh one, so the run does not continue exactly",
+                RuntimeWarning, 2,
+            )
+        if self.dist.rank < len(saved_rng):
+            set_rng_state(saved_rng[self.dist.rank])
 
     def save_reported_model(self) -> Path:
         """The final weights of the model the method reports (the teacher for GTA-Seg and Mean Teacher)."""
