@@ -225,6 +225,11 @@ class TrainerConfig:
     #: pictures logged with each evaluation (gta/engine/snapshots.py): this many validation images and
     #: unlabeled ones, with IoU and confusion charts; 0: none
     snapshot_images: int = 4
+    #: data-parallel runs: BatchNorm normalises with the statistics of the global batch (CUDA only)
+    sync_bn: bool = False
+    #: data-parallel runs: check every N iterations (and at the end) that all ranks hold identical models
+    #: (0: never); by default whenever the run evaluates
+    check_sync_every: int = "${trainer.eval_every}"  # type: ignore[assignment]
 
 
 @dataclass

@@ -11,12 +11,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gta.data import build_loaders, select_split, write_split
+from gta.data.sampler import derive_seed
+from gta.engine import distributed
 from gta.engine.checkpoint import LAST, load_checkpoint
-from gta.engine.runtime import ensure_writable, resolve_device, seed_everything
+from gta.engine.runtime import ensure_writable, seed_everything
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import Trainer
-from gta.tracking import NullLogger, flatten_config
+from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import parent_for_job, run_tags, sweep_dir_of_job, uses_mlflow
 
 
@@ -88,41 +90,53 @@ def snapshots(cfg: DictConfig, source, val, logger) -> Snapshots | None:
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
+    # One of several processes under torchrun or in a multi-task SLURM job: data-parallel training
+    dist = distributed.setup(cfg.device)
     run_dir = ensure_writable(Path(run_dir or output_dir()))
     overrides = task_overrides()
-    if sweep_dir_of_job() is not None and (done := finished_result(run_dir, overrides)) is not None:
-        print(f"{run_dir} finished before ({RESULT_FILE}): skipped; delete that file to train it again")
-        return done
+    done = finished_result(run_dir, overrides) if dist.is_main and sweep_dir_of_job() is not None else None
     checkpoint = find_checkpoint(cfg.resume, run_dir)
+    # Every process trains into rank 0's run directory, from the checkpoint rank 0 found there.
+    run_dir, done, checkpoint = dist.broadcast_object((run_dir, done, checkpoint))
+    if done is not None:
+        if dist.is_main:
+            print(f"{run_dir} finished before ({RESULT_FILE}): skipped; delete that file to train it again")
+        return done
     state = load_checkpoint(checkpoint) if checkpoint else None  # a bad file fails before any work
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = dist.device
+    # Each rank draws its own CutMix boxes and dropout masks; rank 0 keeps the seed, so a single process
+    # trains as it always did. (The models start from rank 0's weights whatever the seed.)
+    seed_everything(cfg.seed if dist.is_main else derive_seed(cfg.seed, dist.rank))
 
     source = instantiate(cfg.dataset)
     split = select_split(source, parse_split(cfg.split), cfg.data.split_seed, cfg.data.split_dir)
     method = instantiate(cfg.method, model=instantiate(cfg.model, _partial_=True))
     loaders = build_loaders(
         source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
-        need_unlabeled=method.uses_unlabeled, pin_memory=device.type == "cuda",
-        val_batch_size=cfg.data.val_batch_size,
+        need_unlabeled=method.uses_unlabeled, rank=dist.rank, world_size=dist.world_size,
+        pin_memory=device.type == "cuda", val_batch_size=cfg.data.val_batch_size,
     )
 
-    name = f"{type(method).__name__}-{type(source).__name__}-split{cfg.split}-seed{cfg.seed}"
-    # On resume the checkpoint's tracking run continues, so one run holds the whole history.
-    defaults = {"run_name": name, "fallback_dir": str(run_dir), "run_id": state["run_id"] if state else None}
-    sweep_dir = sweep_dir_of_job()
-    if sweep_dir is not None and uses_mlflow(cfg):
-        defaults["parent_run_id"] = parent_for_job(sweep_dir, cfg.logger.tracking_uri)
-    logger = instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
+    # Only rank 0 logs and writes the run's files.
+    logger: Logger = NullLogger()
+    if dist.is_main:
+        name = f"{type(method).__name__}-{type(source).__name__}-split{cfg.split}-seed{cfg.seed}"
+        # On resume the checkpoint's tracking run continues, so one run holds the whole history.
+        defaults = {"run_name": name, "fallback_dir": str(run_dir), "run_id": state["run_id"] if state else None}
+        sweep_dir = sweep_dir_of_job()
+        if sweep_dir is not None and uses_mlflow(cfg):
+            defaults["parent_run_id"] = parent_for_job(sweep_dir, cfg.logger.tracking_uri)
+        logger = instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
     try:
-        logger.set_tags(run_tags(cfg, overrides, experiment_file()))
-        # report.* is where the run sits in a table: tags above, not hyper-parameters
-        logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}))
-        resolved = run_dir / "config.yaml"
-        resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        logger.log_artifact(resolved)
-        for path in write_split(split, run_dir / "split"):
-            logger.log_artifact(path, artifact_path="split")
+        if dist.is_main:
+            logger.set_tags(run_tags(cfg, overrides, experiment_file()))
+            # report.* is where the run sits in a table: tags above, not hyper-parameters
+            logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}))
+            resolved = run_dir / "config.yaml"
+            resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            logger.log_artifact(resolved)
+            for path in write_split(split, run_dir / "split"):
+                logger.log_artifact(path, artifact_path="split")
 
         trainer = Trainer(
             method, loaders, instantiate(cfg.optimizer),
@@ -133,13 +147,16 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             class_names=list(source.class_names), run_dir=run_dir, logger=logger,
             checkpoint_every=cfg.trainer.checkpoint_every, on_nonfinite=cfg.trainer.on_nonfinite,
             progress=cfg.trainer.progress, snapshots=snapshots(cfg, source, loaders.val.dataset, logger),
+            dist=dist, sync_bn=cfg.trainer.sync_bn, check_sync_every=cfg.trainer.check_sync_every,
         )
         if state is not None:
             trainer.resume(state, checkpoint)
-            print(f"resuming from {checkpoint} after iteration {trainer.start_iter}", file=sys.stderr)
+            if dist.is_main:
+                print(f"resuming from {checkpoint} after iteration {trainer.start_iter}", file=sys.stderr)
             del state
         result = trainer.fit()
-        logger.log_artifact(trainer.save_reported_model())
+        if dist.is_main:
+            logger.log_artifact(trainer.save_reported_model())
     except TrainingInterrupted as stop:
         logger.close("KILLED")
         print(stop, file=sys.stderr)
@@ -151,6 +168,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         logger.close("FAILED")
         raise
     logger.close()
+    if not dist.is_main:
+        return result.miou[method.reported]
     record = {"value": result.miou[method.reported], "reported": method.reported, "miou": result.miou,
               "overrides": overrides, "run_id": logger.run_id}
     (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -126,7 +126,8 @@ class MLflowSweepCallback(Callback):
         return {**self.__dict__, "_parent": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not uses_mlflow(config):
+        # Under torchrun every process runs the sweep; rank 0 opens the parent, the others log nothing.
+        if not uses_mlflow(config) or int(os.environ.get("RANK", 0)) != 0:
             return
         from gta.tracking.mlflow import MLflowLogger, resolve_tracking_uri
 
