@@ -1,0 +1,217 @@
+"""Data-parallel training: two CPU processes over gloo.
+
+``torchrun`` drives the real command end to end; the in-process tests start two processes with
+``torch.multiprocessing`` and check the engine's collectives, the desync check and exact resume.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed
+import torch.multiprocessing as mp
+from runs import ROOT, tiny
+from tiny import TinySegmenter
+
+from gta.data import SyntheticShapes, build_loaders, build_val_loader, select_split
+from gta.engine.checkpoint import load_checkpoint
+from gta.engine.distributed import DesyncError, Distributed
+from gta.engine.evaluate import EvalProtocol, confusion_matrices
+from gta.engine.signals import TrainingInterrupted
+from gta.engine.trainer import Trainer
+from gta.methods import GTASeg
+from gta.methods.ema import EMA
+from gta.methods.reweight import Confidence
+from gta.tracking import NullLogger
+
+WORLD = 2
+ITERS = 6  # 2 images per rank and iteration (CutMix pairs them), 4 unlabeled images: 1 iteration per epoch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shapes(root: Path) -> SyntheticShapes:
+    return SyntheticShapes(root, num_labeled_pool=8, num_unlabeled=0, num_val=4, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    shapes(root).pools()  # generated once, before the processes start
+    return root
+
+
+def join(rank: int, port: int) -> Distributed:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )  # a collective that one rank never joins fails the test instead of hanging it
+    return Distributed(rank, WORLD, rank, torch.device("cpu"))
+
+
+def spawn(fn, *args) -> None:
+    mp.spawn(fn, args=(free_port(), *args), nprocs=WORLD)
+
+
+# --- the command ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_trains_two_processes_into_one_run_directory(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # ${now:...%f} differs between any two processes unless they share rank 0's start time
+    run_dir = f"hydra.run.dir={tmp_path}/runs/${{now:%H-%M-%S-%f}}"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={free_port()}",
+        "-m", "gta", "train", *tiny(tmp_path / "data"), "logger=none", "trainer.check_sync_every=1", run_dir,
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    (run,) = (tmp_path / "runs").iterdir()  # one directory, written by rank 0 alone
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert {"config.yaml", "result.json", "teacher.pt", "split"} <= {p.name for p in run.iterdir()}
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["iteration"] == 2 and len(state["rng_other_ranks"]) == WORLD - 1
+    # One summary: only rank 0 prints. Every step compared the ranks' models (check_sync_every=1).
+    assert result.stdout.count("val mIoU teacher") == 1
+
+
+# --- the collectives ------------------------------------------------------------------------------------
+def _collectives(rank: int, port: int, data_root: Path, confusion: torch.Tensor) -> None:
+    dist = join(rank, port)
+    torch.manual_seed(rank)
+    model, other = TinySegmenter(6), TinySegmenter(6)
+    torch.manual_seed(0)
+    expected = TinySegmenter(6).state_dict()
+
+    dist.broadcast_models([model, other])
+    assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
+
+    # Validation shares are disjoint; their confusion matrices add up to the whole set's.
+    val = build_val_loader(shapes(data_root), shapes(data_root).pools()["val"], rank=rank, world_size=WORLD)
+    assert len(val) == 2
+    found = confusion_matrices({"m": model}, val, 6, 255, EvalProtocol(), dist.device)["m"]
+    assert torch.equal(found, confusion)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, rank + 1.0)
+    model.head.bias.grad = None  # unused on every rank: stays without a gradient
+    dist.average_gradients(optimizer)
+    assert all(torch.equal(p.grad, torch.full_like(p, 1.5)) for p in model.features.parameters())
+    assert model.head.bias.grad is None
+
+    bn = model.features[1]
+    bn.running_mean.fill_(rank)
+    bn.num_batches_tracked.fill_(7)
+    dist.average_buffers([model, model, other])
+    assert torch.equal(bn.running_mean, torch.full_like(bn.running_mean, 0.5)) and bn.num_batches_tracked == 7
+
+    means = dist.mean({"b": torch.tensor(2.0 * rank), "a": torch.tensor(1.0)})
+    assert {key: float(value) for key, value in means.items()} == {"a": 1.0, "b": 1.0}
+    assert dist.nonfinite(torch.tensor(float(rank))) is None
+    assert dist.nonfinite(torch.tensor(float("nan") if rank else 1.0)) == "nan on rank 1"
+    assert dist.first_signal(signal.SIGUSR1 if rank == 0 else None) == signal.SIGUSR1
+    assert dist.first_signal(None) is None
+    assert dist.broadcast_object(f"rank {rank}") == "rank 0"
+    assert dist.gather_object(rank) == [0, 1]
+
+    models = {"teacher": other, "student": model}
+    dist.check_sync(models, step=3)
+    if rank == 1:
+        with torch.no_grad():
+            model.head.weight[0, 0, 0, 0] += 1e-6  # one element, one rank
+    with pytest.raises(DesyncError, match=r"after iteration 4 .*'student' differs from rank 0's on rank 1\.") as error:
+        dist.check_sync(models, step=4)
+    assert "teacher" not in str(error.value)
+    torch.distributed.destroy_process_group()
+
+
+def test_gradients_buffers_and_checks_agree_across_processes(data_root):
+    torch.manual_seed(0)
+    model = TinySegmenter(6)
+    val = build_val_loader(shapes(data_root), shapes(data_root).pools()["val"])
+    confusion = confusion_matrices({"m": model}, val, 6, 255, EvalProtocol(), torch.device("cpu"))["m"]
+    spawn(_collectives, data_root, confusion)
+
+
+# --- the trainer ----------------------------------------------------------------------------------------
+class Recorder(NullLogger):
+    """Keeps the logged metrics; can send this process a signal after logging a given step."""
+
+    def __init__(self, signal_at: int | None = None) -> None:
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.signal_at = signal_at
+
+    def log_metrics(self, metrics, step):
+        self.metrics.setdefault(step, {}).update(metrics)
+        if step == self.signal_at and any(k.startswith("train/") for k in metrics):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def make_trainer(data_root: Path, run_dir: Path, dist: Distributed, logger: Recorder | None = None) -> Trainer:
+    source = shapes(data_root)
+    loaders = build_loaders(
+        source, select_split(source, 4), batch_size=2, num_workers=0, seed=0, need_unlabeled=True,
+        rank=dist.rank, world_size=dist.world_size,
+    )
+    torch.manual_seed(dist.rank)  # other initial weights (rank 0's win) and other CutMix boxes per rank
+    method = GTASeg(model=lambda: TinySegmenter(6), ema=EMA(0.9), reweight=Confidence(), cutmix_prob=0.5)
+    return Trainer(
+        method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), iters=ITERS, epochs=1,
+        eval_every=0, log_every=1, decoder_lr_mult=1.0, poly_power=0.9, device=dist.device,
+        eval_protocol=EvalProtocol(), num_classes=6, ignore_index=255, class_names=source.class_names,
+        run_dir=run_dir, logger=logger or Recorder(), dist=dist, check_sync_every=1,
+    )
+
+
+def _stop_and_resume(rank: int, port: int, data_root: Path, tmp_path: Path) -> None:
+    dist = join(rank, port)
+    reference = make_trainer(data_root, tmp_path / "reference", dist)
+    reference.fit()
+
+    # Only rank 0 receives the signal; both ranks checkpoint after the same iteration and stop.
+    stopped = make_trainer(data_root, tmp_path / "run", dist, Recorder(signal_at=3 if rank == 0 else None))
+    with pytest.raises(TrainingInterrupted, match=r"SIGUSR1 after iteration 3"):
+        stopped.fit()
+    torch.distributed.barrier()
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    assert state["iteration"] == 3 and len(state["rng_other_ranks"]) == 1
+
+    resumed = make_trainer(data_root, tmp_path / "run", dist)
+    resumed.resume(state, last)
+    resumed.fit()
+    for key in ("models", "optimizers"):
+        assert_same_state(resumed.state_dict(ITERS)[key], reference.state_dict(ITERS)[key])
+    # the losses of both ranks' batches, the same as uninterrupted
+    assert resumed.logger.metrics == {step: m for step, m in reference.logger.metrics.items() if step > 3}
+    assert resumed.history[-1].miou == reference.history[-1].miou
+    torch.distributed.destroy_process_group()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_state(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_a_signal_on_one_rank_stops_all_and_resume_is_exact(data_root, tmp_path):
+    spawn(_stop_and_resume, data_root, tmp_path)
