@@ -161,7 +161,9 @@ class Recorder(NullLogger):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def make_trainer(data_root: Path, run_dir: Path, dist: Distributed, logger: Recorder | None = None) -> Trainer:
+def make_trainer(
+    data_root: Path, run_dir: Path, dist: Distributed, logger: Recorder | None = None, **options
+) -> Trainer:
     source = shapes(data_root)
     loaders = build_loaders(
         source, select_split(source, 4), batch_size=2, num_workers=0, seed=0, need_unlabeled=True,
@@ -173,7 +175,7 @@ def make_trainer(data_root: Path, run_dir: Path, dist: Distributed, logger: Reco
         method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), iters=ITERS, epochs=1,
         eval_every=0, log_every=1, decoder_lr_mult=1.0, poly_power=0.9, device=dist.device,
         eval_protocol=EvalProtocol(), num_classes=6, ignore_index=255, class_names=source.class_names,
-        run_dir=run_dir, logger=logger or Recorder(), dist=dist, check_sync_every=1,
+        run_dir=run_dir, logger=logger or Recorder(), dist=dist, **{"check_sync_every": 1, **options},
     )
 
 
@@ -215,3 +217,8 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def test_a_signal_on_one_rank_stops_all_and_resume_is_exact(data_root, tmp_path):
     spawn(_stop_and_resume, data_root, tmp_path)
+
+
+def test_sync_bn_on_the_cpu_is_refused_by_name(data_root, tmp_path):
+    with pytest.raises(ValueError, match=r"trainer.sync_bn=true needs CUDA \(this run is on cpu\)"):
+        make_trainer(data_root, tmp_path, Distributed(), sync_bn=True)
