@@ -59,7 +59,7 @@ def join(rank: int, port: int) -> Distributed:
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )  # a collective that one rank never joins fails the test instead of hanging it
-    return Distributed(rank, WORLD, rank, torch.device("cpu"))
+    return Distributed(rank, WORLD, torch.device("cpu"))
 
 
 def spawn(fn, *args) -> None:

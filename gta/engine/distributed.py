@@ -53,7 +53,6 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -226,14 +225,15 @@ def _checksum(model: nn.Module, device: torch.device) -> torch.Tensor:
     return total
 
 
-def to_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """``trainer.sync_bn``: BatchNorm layers normalise with the statistics of the whole global batch."""
+def to_sync_batchnorm(module: nn.Module, device: torch.device) -> None:
+    """``trainer.sync_bn``: every BatchNorm layer inside ``module`` (a method, never a BatchNorm layer
+    itself) becomes a SyncBatchNorm with the same tensors, normalising with the global batch's statistics."""
     if device.type != "cuda":
         raise ValueError(
             f"trainer.sync_bn=true needs CUDA (this run is on {device}): SyncBatchNorm exchanges batch "
             "statistics between GPUs. Use device=cuda, or trainer.sync_bn=false"
         )
-    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
 
 # --- set-up ----------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def setup(device_name: str) -> Distributed:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         atexit.register(dist.destroy_process_group)
-    _current = Distributed(rank, world_size, local_rank, device)
+    _current = Distributed(rank, world_size, device)
     return _current
 
 
