@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from syncs import HostSyncs
 
 from gta.methods.pseudo_label import keep_confident, make_targets, weighted_cross_entropy
 from gta.methods.reweight import Confidence, Uniform
@@ -33,6 +34,39 @@ def test_threshold_ignores_invalid_pixels_and_drop_zero_keeps_all():
     assert keep_confident(c, valid, drop=0.4).tolist() == [[[False, False, True, True]]]
     with pytest.raises(ValueError, match="method.drop"):
         keep_confident(c, valid, drop=1.0)
+
+
+def kth_of_valid(confidence: torch.Tensor, valid: torch.Tensor, drop: float) -> torch.Tensor:
+    """The threshold by its definition: the k-th smallest confidence of the valid pixels, k = floor(drop n)."""
+    values = confidence[valid]
+    k = int(drop * values.numel())
+    return valid.clone() if k == 0 else valid & (confidence > values.kthvalue(k).values)
+
+
+def test_threshold_equals_its_definition_on_random_batches():
+    generator = torch.Generator().manual_seed(0)
+    for case in range(300):
+        shape = (int(torch.randint(1, 4, (), generator=generator)), 1 + case % 7, 1 + case % 5)
+        levels = 2 + case % 9  # few distinct values: many ties at the threshold
+        confidence = torch.randint(0, levels, shape, generator=generator) / levels
+        valid = torch.rand(shape, generator=generator) < [1.0, 0.7, 0.2, 0.0][case % 4]
+        drop = [0.0, 0.05, 0.2, 0.5, 0.9][case % 5]
+        expected = kth_of_valid(confidence, valid, drop)
+        assert keep_confident(confidence, valid, drop).equal(expected), (case, confidence, valid, drop)
+
+
+def test_threshold_never_waits_for_the_device():
+    c = torch.rand(2, 9, 9)
+    valid = torch.rand(2, 9, 9) > 0.3
+    with HostSyncs() as syncs:
+        keep_confident(c, valid, drop=0.2)
+    assert syncs.ops == []
+    with HostSyncs() as syncs:  # the check sees the definition's sync: indexing by a mask
+        kth_of_valid(c, valid, drop=0.2)
+    assert syncs.ops == ["aten.index.Tensor"]
+    with HostSyncs() as syncs:
+        float(c.sum())
+    assert syncs.ops == ["aten._local_scalar_dense.default"]
 
 
 def test_laplace_weights_and_loss_by_hand():

@@ -25,9 +25,13 @@ class PseudoLabels:
     valid: torch.Tensor
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(teacher: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher in eval mode: confidence c = max_k softmax and pseudo-label ŷ = argmax_k, per pixel."""
+    """Teacher in eval mode: confidence c = max_k softmax and pseudo-label ŷ = argmax_k, per pixel.
+
+    Runs in inference mode (no autograd bookkeeping at all). The outputs are inference tensors: every
+    target built from them by an out-of-place operation (CutMix, the threshold, the weights) is an
+    ordinary tensor that backward may save."""
     teacher.eval()
     probs = teacher(images).float().softmax(dim=1)
     confidence, label = probs.max(dim=1)
@@ -39,15 +43,21 @@ def keep_confident(confidence: torch.Tensor, valid: torch.Tensor, drop: float) -
 
     The threshold γ is the ``drop``-quantile of c over the valid pixels (the k-th smallest value,
     k = floor(drop * n)); pixels with c <= γ are dropped, so ties at γ are dropped together.
+
+    Computed without a host-device synchronisation: n and k stay on the device, invalid pixels count
+    as +inf, and γ is read from the floor(drop * numel) smallest values (k never exceeds that), so no
+    size depends on the data.
     """
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"method.drop must lie in [0, 1), got {drop}")
-    values = confidence[valid]
-    k = int(drop * values.numel())
-    if k == 0:
+    most = int(drop * confidence.numel())  # a bound from the shape alone
+    if most == 0:
         return valid.clone()
-    gamma = values.kthvalue(k).values
-    return valid & (confidence > gamma)
+    k = (valid.sum().double() * drop).floor().long()  # float64, as int(drop * n) computes it
+    masked = torch.where(valid, confidence, torch.inf).flatten()
+    smallest = masked.topk(most, largest=False, sorted=True).values
+    gamma = smallest.gather(0, (k - 1).clamp_min(0).view(1)).squeeze(0)
+    return valid & ((confidence > gamma) | (k == 0))
 
 
 def make_targets(
