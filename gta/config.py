@@ -230,6 +230,8 @@ class TrainerConfig:
     #: data-parallel runs: check every N iterations (and at the end) that all ranks hold identical models
     #: (0: never); by default whenever the run evaluates
     check_sync_every: int = "${trainer.eval_every}"  # type: ignore[assignment]
+    #: "fp32", "bf16" or "fp16" (autocast; fp16 also scales the losses): gta/engine/precision.py
+    precision: str = "fp32"
 
 
 @dataclass

@@ -148,6 +148,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             checkpoint_every=cfg.trainer.checkpoint_every, on_nonfinite=cfg.trainer.on_nonfinite,
             progress=cfg.trainer.progress, snapshots=snapshots(cfg, source, loaders.val.dataset, logger),
             dist=dist, sync_bn=cfg.trainer.sync_bn, check_sync_every=cfg.trainer.check_sync_every,
+            precision=cfg.trainer.precision,
         )
         if state is not None:
             trainer.resume(state, checkpoint)

@@ -222,7 +222,7 @@ def test_unreadable_checkpoints_are_named(tmp_path):
         load_checkpoint(code)
     other = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(1)}, other)
-    with pytest.raises(CheckpointError, match=r"weights.pt is not a gta checkpoint of format 1 \(found"):
+    with pytest.raises(CheckpointError, match=r"weights.pt is not a gta checkpoint of a format this version reads \(1, 2\)"):
         load_checkpoint(other)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "absent.pt")

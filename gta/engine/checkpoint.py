@@ -7,6 +7,7 @@ A checkpoint is a dict of plain data (tensors, numbers, strings, lists, dicts), 
     method       class name of the method that wrote it
     models       {name: state_dict} of every model of the method (``checkpoint["models"]["teacher"]``)
     optimizers   {name: state_dict} of every optimiser
+    scalers      {name: GradScaler state_dict} of every optimiser under trainer.precision=fp16, else empty
     iteration    iterations completed; with iters_per_epoch it fixes the epoch and the sampler position
     epoch, iters_per_epoch
     rng          Python, NumPy, torch CPU and CUDA generator states (of rank 0 when data-parallel)
@@ -33,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-FORMAT = 1
+FORMAT = 2
+#: formats load_checkpoint reads, each upgraded to FORMAT (1: before scalers)
+READABLE = (1, 2)
 LAST, BEST = "last.pt", "best.pt"
 _TMP_SUFFIX = ".tmp"
 
@@ -81,9 +84,14 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{path} cannot be read as a checkpoint (truncated, not a torch file, or it holds objects other "
             f"than plain data, which are never unpickled): {first_line}"
         ) from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} is not a gta checkpoint of format {FORMAT} (found format {found!r})")
+        raise CheckpointError(
+            f"{path} is not a gta checkpoint of a format this version reads {READABLE} (found format {found!r})"
+        )
+    if state["format"] == 1:
+        state["scalers"] = {}
+    state["format"] = FORMAT
     return state
 
 

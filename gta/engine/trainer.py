@@ -29,6 +29,7 @@ from gta.engine.checkpoint import (
 )
 from gta.engine.distributed import Distributed, to_sync_batchnorm
 from gta.engine.evaluate import EvalProtocol, confusion_matrices, iou_from_confusion
+from gta.engine.precision import Precision
 from gta.engine.progress import ProgressReport
 from gta.engine.schedule import poly_factor, set_lr
 from gta.engine.signals import StopSignals, TrainingInterrupted
@@ -84,6 +85,7 @@ class Trainer:
         dist: Distributed | None = None,
         sync_bn: bool = False,
         check_sync_every: int = 0,
+        precision: str = "fp32",
     ) -> None:
         if sync_bn:
             to_sync_batchnorm(method, device)
@@ -92,10 +94,14 @@ class Trainer:
         self.check_sync_every = check_sync_every
         self.loaders = loaders
         self.device = device
+        self.precision = Precision(precision, device)
         self.optimizers = {
             name: optimizer(param_groups(model, decoder_lr_mult))
             for name, model in method.trained_models().items()
         }
+        # fp16: one loss scaler per optimiser, since each model's gradients overflow on their own
+        self.scalers = {name: self.precision.grad_scaler() for name in self.optimizers} if (
+            self.precision.scales_losses) else {}
         self.total_iters = iters if iters is not None else epochs * loaders.iters_per_epoch
         if self.total_iters <= 0:
             raise ValueError(f"nothing to train: trainer.iters={iters}, trainer.epochs={epochs}")
@@ -145,7 +151,8 @@ class Trainer:
                 set_lr(opt, factor if self.method.scheduled(name) else 1.0)
 
             self._batch = next(batches)
-            stats = self.method.training_step(self._batch, progress, self._update)
+            with self.precision.autocast():
+                stats = self.method.training_step(self._batch, progress, self._update)
             self.dist.average_buffers(self.models.values())
 
             # Losses stay on the device until a log step: one host sync per log_every iterations.
@@ -201,11 +208,18 @@ class Trainer:
                 f"{message}; training stopped and {kept}. Lower the learning rate, or set "
                 "trainer.on_nonfinite=skip to skip such steps"
             )
-        optimizer = self.optimizers[name]
+        optimizer, scaler = self.optimizers[name], self.scalers.get(name)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.dist.average_gradients(optimizer)
-        optimizer.step()
+        with self.precision.full():  # backward outside autocast: its dtypes follow the forward's
+            if scaler is None:
+                loss.backward()
+                self.dist.average_gradients(optimizer)
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                self.dist.average_gradients(optimizer)  # scaled: every rank sees the same overflow
+                scaler.step(optimizer)  # skipped when a gradient overflowed
+                scaler.update()
 
     def _batches(self, start_iter: int = 0) -> Iterator[Batch]:
         """Labeled and unlabeled batches in lock-step; an epoch is one pass of the unlabeled sampler.
@@ -232,10 +246,11 @@ class Trainer:
 
     # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, step: int) -> EvalResult:
-        confusion = confusion_matrices(
-            self.eval_models, self.loaders.val, self.num_classes, self.ignore_index, self.eval_protocol,
-            self.device,
-        )
+        with self.precision.autocast():
+            confusion = confusion_matrices(
+                self.eval_models, self.loaders.val, self.num_classes, self.ignore_index, self.eval_protocol,
+                self.device,
+            )
         ious = {name: iou_from_confusion(cm) for name, cm in confusion.items()}
         result = EvalResult(
             step=step,
@@ -282,6 +297,7 @@ class Trainer:
             "method": type(self.method).__name__,
             "models": {name: model.state_dict() for name, model in self.models.items()},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "scalers": {name: scaler.state_dict() for name, scaler in self.scalers.items()},
             "iteration": step,
             "epoch": step // self.loaders.iters_per_epoch,
             "iters_per_epoch": self.loaders.iters_per_epoch,
@@ -312,6 +328,9 @@ class Trainer:
         load_models(self.models, state["models"], source)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+        for name, scaler in self.scalers.items():
+            if name in state["scalers"]:  # else the checkpoint was not written in fp16: the scale starts afresh
+                scaler.load_state_dict(state["scalers"][name])
         self.start_iter, self.best = state["iteration"], state["best"]
         self._sums = {k: v.to(self.device) for k, v in state["metrics"]["sums"].items()}
         self._count = state["metrics"]["count"]
