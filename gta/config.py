@@ -232,6 +232,12 @@ class TrainerConfig:
     check_sync_every: int = "${trainer.eval_every}"  # type: ignore[assignment]
     #: "fp32", "bf16" or "fp16" (autocast; fp16 also scales the losses): gta/engine/precision.py
     precision: str = "fp32"
+    #: models and input batches in the channels_last memory layout
+    channels_last: bool = False
+    #: torch.compile every model in place (nn.Module.compile: state_dict keys unchanged)
+    compile: bool = False
+    #: on CUDA, let cuDNN time the convolution algorithms for each new input shape and keep the fastest
+    cudnn_benchmark: bool = True
 
 
 @dataclass

@@ -14,7 +14,7 @@ from gta.data import build_loaders, select_split, write_split
 from gta.data.sampler import derive_seed
 from gta.engine import distributed
 from gta.engine.checkpoint import LAST, load_checkpoint
-from gta.engine.runtime import ensure_writable, seed_everything
+from gta.engine.runtime import configure_cuda, ensure_writable, seed_everything
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import Trainer
@@ -104,6 +104,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         return done
     state = load_checkpoint(checkpoint) if checkpoint else None  # a bad file fails before any work
     device = dist.device
+    configure_cuda(device, cudnn_benchmark=cfg.trainer.cudnn_benchmark)
     # Each rank draws its own CutMix boxes and dropout masks; rank 0 keeps the seed, so a single process
     # trains as it always did. (The models start from rank 0's weights whatever the seed.)
     seed_everything(cfg.seed if dist.is_main else derive_seed(cfg.seed, dist.rank))
@@ -148,7 +149,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             checkpoint_every=cfg.trainer.checkpoint_every, on_nonfinite=cfg.trainer.on_nonfinite,
             progress=cfg.trainer.progress, snapshots=snapshots(cfg, source, loaders.val.dataset, logger),
             dist=dist, sync_bn=cfg.trainer.sync_bn, check_sync_every=cfg.trainer.check_sync_every,
-            precision=cfg.trainer.precision,
+            precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
         )
         if state is not None:
             trainer.resume(state, checkpoint)

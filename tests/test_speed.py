@@ -1,4 +1,4 @@
-"""Speed options keep training correct: precision, loss scaling in checkpoints.
+"""Speed options keep training correct: precision, loss scaling in checkpoints, memory layout, compilation.
 
 The Trainer runs GTA-Seg with the tiny network of ``tests/tiny.py`` on 32-pixel synthetic images.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import TinySegmenter
+from torch._dynamo.utils import counters
 
 from gta.data import SyntheticShapes, build_loaders, select_split
 from gta.engine.checkpoint import load_checkpoint
@@ -131,3 +132,45 @@ def test_checkpoints_without_loss_scales_still_resume(source, tmp_path):
     trainer.resume(loaded, tmp_path / "old.pt")
     assert trainer.start_iter == 2
     assert trainer.scalers["student"].get_scale() == torch.amp.GradScaler("cpu").get_scale()
+
+
+# --- memory layout and compilation --------------------------------------------------------------------------
+
+
+def test_channels_last_trains_like_the_default_layout(source, tmp_path):
+    default = make_trainer(source, tmp_path / "default")
+    default.fit()
+    trainer = make_trainer(source, tmp_path / "channels_last", channels_last=True)
+    layouts = []
+    trainer.method.student.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    trainer.fit()
+    assert layouts and all(layouts)
+    weight = trainer.method.student.features[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    ours = trainer.method.state_dict()
+    for key, value in default.method.state_dict().items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert trainer.history[-1].miou == pytest.approx(default.history[-1].miou, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_models_train_and_checkpoint_like_plain_ones(source, tmp_path):
+    """About half a minute on a CPU: inductor compiles the train- and eval-mode graphs once."""
+    eager = make_trainer(source, tmp_path / "eager")
+    eager.fit()
+    compiled = make_trainer(source, tmp_path / "compiled", compile=True)
+    counters.clear()
+    compiled.fit()
+    assert all(model._compiled_call_impl is not None for model in compiled.models.values())
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]  # train and eval mode
+    state = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")
+    assert state["models"].keys() == eager.state_dict(ITERS)["models"].keys()
+    for name, weights in state["models"].items():
+        assert weights.keys() == eager.models[name].state_dict().keys()  # no "_orig_mod." prefixes
+        for key, value in eager.models[name].state_dict().items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=1e-4, msg=f"{name}.{key}")
+    plain = make_trainer(source, tmp_path / "plain")
+    plain.resume(state, "last.pt")  # a compiled run's checkpoint loads into plain models
+

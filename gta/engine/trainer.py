@@ -86,10 +86,16 @@ class Trainer:
         sync_bn: bool = False,
         check_sync_every: int = 0,
         precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         if sync_bn:
             to_sync_batchnorm(method, device)
         self.method = method.to(device)
+        # channels_last: the weights and the input batches (the layout convolutions run fastest in on GPUs)
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if channels_last:
+            self.method.to(memory_format=torch.channels_last)
         self.dist = dist or Distributed(device=device)
         self.check_sync_every = check_sync_every
         self.loaders = loaders
@@ -123,6 +129,9 @@ class Trainer:
         if sum(len(m.state_dict()) for m in distinct) != len(method.state_dict()):
             raise ValueError(f"{type(method).__name__} keeps state outside its models; checkpoints miss it")
         self.dist.broadcast_models(distinct)  # every rank starts from rank 0's models
+        if compile:  # in place: the state_dict keys, and so the checkpoints, stay those of the plain models
+            for model in distinct:
+                model.compile()
         self.start_iter = 0  # iterations already done (after resume)
         self.best: dict | None = None  # {"step", "miou"} of the best evaluation of the reported model
         self.saved: tuple[Path, int] | None = None  # the last checkpoint written and its iteration
@@ -238,7 +247,9 @@ class Trainer:
 
     def _to_device(self, parts) -> Batch:
         (image, mask), *unlabeled = parts
-        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        move = lambda t: t.to(  # noqa: E731
+            self.device, non_blocking=True, memory_format=self.memory_format if t.dim() == 4 else torch.preserve_format
+        )
         batch = Batch(image=move(image), mask=move(mask))
         if unlabeled:
             batch.unlabeled, batch.unlabeled_mask = (move(t) for t in unlabeled[0])
