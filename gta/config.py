@@ -218,7 +218,8 @@ class TrainerConfig:
     poly_power: float = 0.9
     #: write <run dir>/checkpoints/last.pt every N iterations (0: only at the end and on stop signals)
     checkpoint_every: int = 500
-    #: on a NaN/inf loss: "stop" (fail naming model, loss and iteration) or "skip" the optimiser step
+    #: on a NaN/inf loss: "stop" (fail naming model, loss and iteration; checked without a per-step host sync
+    #: at log steps and before evaluations and checkpoints) or "skip" the optimiser step (one sync per update)
     on_nonfinite: str = "stop"
     #: "auto" (a bar on a terminal, else a plain line every log_every iterations), "bar", "lines", "none"
     progress: str = "auto"

@@ -27,7 +27,7 @@ from gta.engine.checkpoint import load_checkpoint
 from gta.engine.distributed import DesyncError, Distributed
 from gta.engine.evaluate import EvalProtocol, confusion_matrices
 from gta.engine.signals import TrainingInterrupted
-from gta.engine.trainer import Trainer
+from gta.engine.trainer import NonFiniteLossError, Trainer
 from gta.methods import GTASeg
 from gta.methods.ema import EMA
 from gta.methods.reweight import Confidence
@@ -162,7 +162,7 @@ class Recorder(NullLogger):
 
 
 def make_trainer(
-    data_root: Path, run_dir: Path, dist: Distributed, logger: Recorder | None = None, **options
+    data_root: Path, run_dir: Path, dist: Distributed, logger: Recorder | None = None, method_cls=GTASeg, **options
 ) -> Trainer:
     source = shapes(data_root)
     loaders = build_loaders(
@@ -170,12 +170,12 @@ def make_trainer(
         rank=dist.rank, world_size=dist.world_size,
     )
     torch.manual_seed(dist.rank)  # other initial weights (rank 0's win) and other CutMix boxes per rank
-    method = GTASeg(model=lambda: TinySegmenter(6), ema=EMA(0.9), reweight=Confidence(), cutmix_prob=0.5)
+    method = method_cls(model=lambda: TinySegmenter(6), ema=EMA(0.9), reweight=Confidence(), cutmix_prob=0.5)
     return Trainer(
         method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), iters=ITERS, epochs=1,
-        eval_every=0, log_every=1, decoder_lr_mult=1.0, poly_power=0.9, device=dist.device,
+        eval_every=0, decoder_lr_mult=1.0, poly_power=0.9, device=dist.device,
         eval_protocol=EvalProtocol(), num_classes=6, ignore_index=255, class_names=source.class_names,
-        run_dir=run_dir, logger=logger or Recorder(), dist=dist, **{"check_sync_every": 1, **options},
+        run_dir=run_dir, logger=logger or Recorder(), dist=dist, **{"log_every": 1, "check_sync_every": 1, **options},
     )
 
 
@@ -217,6 +217,41 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def test_a_signal_on_one_rank_stops_all_and_resume_is_exact(data_root, tmp_path):
     spawn(_stop_and_resume, data_root, tmp_path)
+
+
+class NaNOnRank1(GTASeg):
+    """GTA-Seg whose assistant loss turns NaN on rank 1 alone, at the 3rd iteration."""
+
+    def training_step(self, batch, progress, update):
+        def poisoned(name, loss):
+            bad = name == "assistant" and progress.iteration == 2 and torch.distributed.get_rank() == 1
+            update(name, loss * float("nan") if bad else loss)
+
+        return super().training_step(batch, progress, poisoned)
+
+
+def _nonfinite_on_one_rank(rank: int, port: int, data_root: Path, tmp_path: Path) -> None:
+    dist = join(rank, port)
+    # Checked without a per-step sync: first at the checkpoint due after iteration 4, on both ranks.
+    trainer = make_trainer(
+        data_root, tmp_path, dist, method_cls=NaNOnRank1, log_every=100, checkpoint_every=2, check_sync_every=0
+    )
+    last = tmp_path / "checkpoints" / "last.pt"
+    expected = (
+        r"non-finite loss nan on rank 1 for model 'assistant' at iteration 3; training stopped at iteration 4 "
+        rf".*{last} \(iteration 2\), is intact"
+    )
+    with pytest.raises(NonFiniteLossError, match=expected):
+        trainer.fit()
+    torch.distributed.barrier()
+    state = load_checkpoint(last)
+    assert state["iteration"] == 2
+    assert all(t.isfinite().all() for weights in state["models"].values() for t in weights.values())
+    torch.distributed.destroy_process_group()
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_all_before_the_checkpoint(data_root, tmp_path):
+    spawn(_nonfinite_on_one_rank, data_root, tmp_path)
 
 
 def test_sync_bn_on_the_cpu_is_refused_by_name(data_root, tmp_path):

@@ -169,6 +169,21 @@ def test_nonfinite_loss_stops_and_the_last_checkpoint_stays_good(source, tmp_pat
     assert all(t.isfinite().all() for t in tensors)
 
 
+def test_nonfinite_loss_between_log_steps_is_caught_before_the_checkpoint(source, tmp_path):
+    """Losses are checked without a per-step sync: here first before the checkpoint due at iteration 6."""
+    trainer = make_trainer(source, tmp_path, method_cls=NaNAt, checkpoint_every=2, log_every=100)
+    last = tmp_path / "checkpoints" / "last.pt"
+    expected = (
+        rf"non-finite loss nan for model 'assistant' at iteration 5; training stopped at iteration 6 .*"
+        rf"{last} \(iteration 4\), is intact"
+    )
+    with pytest.raises(NonFiniteLossError, match=expected):
+        trainer.fit()
+    state = load_checkpoint(last)
+    assert state["iteration"] == 4
+    assert all(t.isfinite().all() for weights in state["models"].values() for t in weights.values())
+
+
 def test_nonfinite_loss_skip_leaves_the_weights_finite(source, tmp_path):
     trainer = make_trainer(source, tmp_path, method_cls=NaNAt, on_nonfinite="skip")
     with pytest.warns(RuntimeWarning, match="'assistant' at iteration 5; step skipped"):

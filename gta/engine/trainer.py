@@ -138,6 +138,11 @@ class Trainer:
         self._sums: dict[str, torch.Tensor] = {}  # losses summed since the last log step
         self._count = 0
         self._iteration = 0
+        # trainer.on_nonfinite=stop: the updates since the last check, as (model, iteration), and on the
+        # device the 1-based position among them of the first non-finite loss (0: none) and its value
+        self._pending: list[tuple[str, int]] = []
+        self._first_nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        self._nonfinite_loss = torch.zeros((), device=device)
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self) -> EvalResult:
@@ -172,6 +177,7 @@ class Trainer:
             if self.check_sync_every and (step % self.check_sync_every == 0 or step == self.total_iters):
                 self.dist.check_sync(self.models, step)
             if step % self.log_every == 0 or step == self.total_iters:
+                self._check_finite()
                 sums = self.dist.mean(self._sums)  # the losses of the whole global batch
                 metrics = {f"train/{key}": float(total) / self._count for key, total in sums.items()}
                 metrics.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()})
@@ -201,22 +207,18 @@ class Trainer:
         return self.history[-1]
 
     def _update(self, name: str, loss: torch.Tensor) -> None:
-        # One host sync per step; it keeps a NaN out of the weights (and out of every later checkpoint).
-        # Every rank sees every rank's loss, so all of them skip or stop together.
-        value = self.dist.nonfinite(loss)
-        if value is not None:
-            message = f"non-finite loss {value} for model '{name}' at iteration {self._iteration}"
-            if self.on_nonfinite == "skip":
-                warnings.warn(f"{message}; step skipped (trainer.on_nonfinite=skip)", RuntimeWarning, 3)
+        if self.on_nonfinite == "skip":
+            # Whether to step must be known now: one host sync per update. Every rank sees every rank's
+            # loss, so all of them skip together.
+            value = self.dist.nonfinite(loss)
+            if value is not None:
+                warnings.warn(
+                    f"non-finite loss {value} for model '{name}' at iteration {self._iteration}; step skipped "
+                    "(trainer.on_nonfinite=skip)", RuntimeWarning, 3,
+                )
                 return
-            kept = (
-                f"the last checkpoint, {self.saved[0]} (iteration {self.saved[1]}), is intact"
-                if self.saved else "no checkpoint had been written yet"
-            )
-            raise NonFiniteLossError(
-                f"{message}; training stopped and {kept}. Lower the learning rate, or set "
-                "trainer.on_nonfinite=skip to skip such steps"
-            )
+        else:
+            self._watch(name, loss.detach())
         optimizer, scaler = self.optimizers[name], self.scalers.get(name)
         optimizer.zero_grad(set_to_none=True)
         with self.precision.full():  # backward outside autocast: its dtypes follow the forward's
@@ -229,6 +231,40 @@ class Trainer:
                 self.dist.average_gradients(optimizer)  # scaled: every rank sees the same overflow
                 scaler.step(optimizer)  # skipped when a gradient overflowed
                 scaler.update()
+
+    def _watch(self, name: str, loss: torch.Tensor) -> None:
+        """Note a non-finite loss on the device, without waiting for it; :meth:`_check_finite` reads it."""
+        self._pending.append((name, self._iteration))
+        first = (self._first_nonfinite == 0) & ~loss.isfinite()
+        self._first_nonfinite = torch.where(first, len(self._pending), self._first_nonfinite)
+        self._nonfinite_loss = torch.where(first, loss.float(), self._nonfinite_loss)
+
+    def _check_finite(self) -> None:
+        """Stop if a loss watched since the last check was NaN or infinite. One host sync; it runs at log
+        steps and before every evaluation and checkpoint, so non-finite weights are never saved. Every rank
+        runs the same updates, and sees every rank's record, so all of them stop together."""
+        if not self._pending:
+            return
+        local = torch.stack([self._first_nonfinite.double(), self._nonfinite_loss.double()]).tolist()
+        found = [(int(position), rank, value) for rank, (position, value) in enumerate(self.dist.gather_object(local))]
+        first = min((position for position, _, _ in found if position), default=0)
+        if first == 0:
+            self._pending.clear()
+            return
+        name, iteration = self._pending[first - 1]
+        values = ", ".join(
+            f"{value} on rank {rank}" if self.dist.active else str(value)
+            for position, rank, value in found if position == first
+        )
+        kept = (
+            f"the last checkpoint, {self.saved[0]} (iteration {self.saved[1]}), is intact"
+            if self.saved else "no checkpoint had been written yet"
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss {values} for model '{name}' at iteration {iteration}; training stopped at iteration "
+            f"{self._iteration} (losses are checked at log steps and before evaluations and checkpoints) and {kept}. "
+            "Lower the learning rate, or set trainer.on_nonfinite=skip to skip such steps"
+        )
 
     def _batches(self, start_iter: int = 0) -> Iterator[Batch]:
         """Labeled and unlabeled batches in lock-step; an epoch is one pass of the unlabeled sampler.
@@ -257,6 +293,7 @@ class Trainer:
 
     # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, step: int) -> EvalResult:
+        self._check_finite()
         with self.precision.autocast():
             confusion = confusion_matrices(
                 self.eval_models, self.loaders.val, self.num_classes, self.ignore_index, self.eval_protocol,
@@ -320,6 +357,7 @@ class Trainer:
         }
 
     def save_checkpoint(self, step: int) -> Path:
+        self._check_finite()
         state = self.state_dict(step)
         path = self.checkpoints.save(state) if self.dist.is_main else self.checkpoints.last
         self.saved = (path, step)
