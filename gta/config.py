@@ -246,6 +246,8 @@ class DataConfig:
     #: labeled images per iteration, and as many unlabeled ones
     batch_size: int = 3
     num_workers: int = 2
+    #: batches each worker keeps ready (null: PyTorch's default, 2); needs num_workers > 0
+    prefetch_factor: int | None = None
     #: validation images per forward (at most: images of different sizes are never batched together)
     val_batch_size: int = 1
     split_seed: int = 0

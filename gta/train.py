@@ -116,6 +116,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
         need_unlabeled=method.uses_unlabeled, rank=dist.rank, world_size=dist.world_size,
         pin_memory=device.type == "cuda", val_batch_size=cfg.data.val_batch_size,
+        prefetch_factor=cfg.data.prefetch_factor,
     )
 
     # Only rank 0 logs and writes the run's files.

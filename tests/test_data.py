@@ -351,6 +351,15 @@ def test_build_loaders_resume_mid_epoch_draws_the_same_augmentations(shapes, num
     assert torch.equal(torch.get_rng_state(), before)  # loading leaves the training RNG alone
 
 
+def test_build_loaders_prefetch_factor(shapes):
+    split = select_split(shapes, 4)
+    loaders = build_loaders(shapes, split, 2, num_workers=1, seed=0, need_unlabeled=True, prefetch_factor=4)
+    assert loaders.labeled.prefetch_factor == loaders.unlabeled.prefetch_factor == loaders.val.prefetch_factor == 4
+    assert all(loader.persistent_workers for loader in (loaders.labeled, loaders.unlabeled, loaders.val))
+    with pytest.raises(ValueError, match=r"data.prefetch_factor=4 needs data.num_workers > 0 .*data.num_workers=0"):
+        build_loaders(shapes, split, 2, num_workers=0, seed=0, need_unlabeled=True, prefetch_factor=4)
+
+
 def test_build_loaders_val_shards_and_unlabeled_not_opened(shapes):
     split = select_split(shapes, 4)
     missing = [Sample(s.id, s.image.with_name("missing.png"), None) for s in split.unlabeled]

@@ -219,17 +219,20 @@ def build_loaders(
     world_size: int = 1,
     pin_memory: bool = False,
     val_batch_size: int = 1,
+    prefetch_factor: int | None = None,
 ) -> Loaders:
     """Training loaders for the labeled and unlabeled streams plus a validation loader.
 
     An epoch is one pass over the unlabeled set (the labeled set if there is none); the labeled stream is
     repeated/reshuffled to the same number of iterations. Call ``loader.sampler.set_epoch(epoch, start)``
-    on both training loaders before each epoch.
+    on both training loaders before each epoch. Workers persist across epochs; each keeps
+    ``prefetch_factor`` batches ready (None: PyTorch's default, 2).
     """
     if not split.labeled:
         raise ValueError("The split has no labeled samples")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_prefetch(prefetch_factor, num_workers)
     epoch_set = split.unlabeled or split.labeled
     iters_per_epoch = math.ceil(len(epoch_set) / (batch_size * world_size))
     augment = train_transform(
@@ -240,6 +243,7 @@ def build_loaders(
         "num_workers": num_workers,
         "pin_memory": pin_memory,
         "persistent_workers": num_workers > 0,
+        "prefetch_factor": prefetch_factor,
     }
 
     def train_loader(samples: list[Sample], stream: int, with_mask: bool) -> DataLoader:
@@ -270,8 +274,20 @@ def build_loaders(
     labeled = train_loader(split.labeled, _LABELED_STREAM, with_mask=True)
     unlabeled = train_loader(split.unlabeled, _UNLABELED_STREAM, with_mask=False) if need_unlabeled else None
 
-    val = build_val_loader(source, split.val, val_batch_size, num_workers, rank, world_size, pin_memory)
+    val = build_val_loader(
+        source, split.val, val_batch_size, num_workers, rank, world_size, pin_memory, prefetch_factor
+    )
     return Loaders(labeled, unlabeled, val, iters_per_epoch)
+
+
+def _check_prefetch(prefetch_factor: int | None, num_workers: int) -> None:
+    if prefetch_factor is None:
+        return
+    if num_workers == 0 or prefetch_factor < 1:
+        raise ValueError(
+            f"data.prefetch_factor={prefetch_factor} needs data.num_workers > 0 (worker processes prefetch; "
+            f"data.num_workers={num_workers}) and a value >= 1; null keeps PyTorch's default"
+        )
 
 
 def build_val_loader(
@@ -282,6 +298,7 @@ def build_val_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    prefetch_factor: int | None = None,
 ) -> DataLoader:
     """Whole validation images in a fixed order; rank r of ``world_size`` gets samples r, r+w, ...,
     disjoint shares without the duplicates a DistributedSampler pads with, so per-rank confusion
@@ -293,9 +310,10 @@ def build_val_loader(
     )  # fmt: skip
     if world_size > 1:
         val = Subset(val, range(rank, len(val), world_size))
+    _check_prefetch(prefetch_factor, num_workers)
     return DataLoader(
         val, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0, collate_fn=collate_by_size,
+        persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor, collate_fn=collate_by_size,
     )  # fmt: skip
 
 
