@@ -34,4 +34,8 @@ compare: setup ## SupOnly vs Mean Teacher vs GTA-Seg on the embedded dataset, 3 
 figure: setup ## docs/images/results.png: predictions of a short GTA-Seg run (CPU, ~3 min on 2 cores)
 	$(PY) scripts/readme_figure.py
 
-.PHONY: help setup demo test lint ui compare figure
+BENCH_ARGS ?=
+bench: setup ## engine overhead, EMA, data pipeline (+ the paper-scale step on CUDA): bench-results/bench.{md,json}
+	HF_HUB_OFFLINE=1 $(PY) scripts/bench.py $(BENCH_ARGS)
+
+.PHONY: help setup demo test lint ui compare figure bench
