@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,16 @@ import torch.distributed
 import torch.multiprocessing as mp
 from runs import ROOT, tiny
 from tiny import TinySegmenter
+from trainers import Recorder, assert_same_state, shapes
+from trainers import make_trainer as make_tiny_trainer
 
-from gta.data import SyntheticShapes, build_loaders, build_val_loader, select_split
+from gta.data import build_val_loader
 from gta.engine.checkpoint import load_checkpoint
 from gta.engine.distributed import DesyncError, Distributed
 from gta.engine.evaluate import EvalProtocol, confusion_matrices
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import NonFiniteLossError, Trainer
 from gta.methods import GTASeg
-from gta.methods.ema import EMA
-from gta.methods.reweight import Confidence
-from gta.tracking import NullLogger
 
 WORLD = 2
 ITERS = 6  # 2 images per rank and iteration (CutMix pairs them), 4 unlabeled images: 1 iteration per epoch
@@ -41,10 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def shapes(root: Path) -> SyntheticShapes:
-    return SyntheticShapes(root, num_labeled_pool=8, num_unlabeled=0, num_val=4, image_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -148,35 +142,8 @@ def test_gradients_buffers_and_checks_agree_across_processes(data_root):
 
 
 # --- the trainer ----------------------------------------------------------------------------------------
-class Recorder(NullLogger):
-    """Keeps the logged metrics; can send this process a signal after logging a given step."""
-
-    def __init__(self, signal_at: int | None = None) -> None:
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.signal_at = signal_at
-
-    def log_metrics(self, metrics, step):
-        self.metrics.setdefault(step, {}).update(metrics)
-        if step == self.signal_at and any(k.startswith("train/") for k in metrics):
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
-def make_trainer(
-    data_root: Path, run_dir: Path, dist: Distributed, logger: Recorder | None = None, method_cls=GTASeg, **options
-) -> Trainer:
-    source = shapes(data_root)
-    loaders = build_loaders(
-        source, select_split(source, 4), batch_size=2, num_workers=0, seed=0, need_unlabeled=True,
-        rank=dist.rank, world_size=dist.world_size,
-    )
-    torch.manual_seed(dist.rank)  # other initial weights (rank 0's win) and other CutMix boxes per rank
-    method = method_cls(model=lambda: TinySegmenter(6), ema=EMA(0.9), reweight=Confidence(), cutmix_prob=0.5)
-    return Trainer(
-        method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), iters=ITERS, epochs=1,
-        eval_every=0, decoder_lr_mult=1.0, poly_power=0.9, device=dist.device,
-        eval_protocol=EvalProtocol(), num_classes=6, ignore_index=255, class_names=source.class_names,
-        run_dir=run_dir, logger=logger or Recorder(), dist=dist, **{"log_every": 1, "check_sync_every": 1, **options},
-    )
+def make_trainer(data_root: Path, run_dir: Path, dist: Distributed, logger: Recorder | None = None, **options) -> Trainer:
+    return make_tiny_trainer(shapes(data_root), run_dir, logger, dist=dist, **{"iters": ITERS, **options})
 
 
 def _stop_and_resume(rank: int, port: int, data_root: Path, tmp_path: Path) -> None:
@@ -202,17 +169,6 @@ def _stop_and_resume(rank: int, port: int, data_root: Path, tmp_path: Path) -> N
     assert resumed.logger.metrics == {step: m for step, m in reference.logger.metrics.items() if step > 3}
     assert resumed.history[-1].miou == reference.history[-1].miou
     torch.distributed.destroy_process_group()
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            assert_same_state(a[key], b[key])
-        elif isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
 
 
 def test_a_signal_on_one_rank_stops_all_and_resume_is_exact(data_root, tmp_path):

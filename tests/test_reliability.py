@@ -12,80 +12,31 @@ import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from tiny import TinySegmenter
+from trainers import ITERS, Recorder, assert_same_state, make_trainer, shapes
 
 from gta.cli import CONF_DIR
 from gta.config import register_configs
-from gta.data import SyntheticShapes, build_loaders, select_split
+from gta.data import SyntheticShapes
 from gta.engine import checkpoint as ckpt
 from gta.engine.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_models
-from gta.engine.evaluate import EvalProtocol
 from gta.engine.signals import TrainingInterrupted
-from gta.engine.trainer import NonFiniteLossError, Trainer
+from gta.engine.trainer import NonFiniteLossError
 from gta.methods import GTASeg
-from gta.methods.ema import EMA
-from gta.methods.reweight import Confidence
-from gta.tracking import NullLogger
 
 ROOT = Path(__file__).resolve().parents[1]
-ITERS = 8  # 2 iterations per epoch: a warm-up epoch, then GTA-Seg proper across three epoch boundaries
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> SyntheticShapes:
-    shapes = SyntheticShapes(
-        tmp_path_factory.mktemp("data") / "shapes",
-        num_labeled_pool=8, num_unlabeled=0, num_val=4, image_size=32,
-    )
-    shapes.pools()
-    return shapes
-
-
-class Recorder(NullLogger):
-    """Keeps the logged metrics; can send this process a signal after logging a given step."""
-
-    def __init__(self, signal_at: tuple[int, int] | None = None) -> None:
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.signal_at = signal_at
-
-    def log_metrics(self, metrics, step):
-        self.metrics.setdefault(step, {}).update(metrics)
-        if self.signal_at and step == self.signal_at[0] and any(k.startswith("train/") for k in metrics):
-            os.kill(os.getpid(), self.signal_at[1])
-
-
-def make_trainer(source, run_dir: Path, method_cls=GTASeg, num_classes=6, logger=None, **kwargs) -> Trainer:
-    split = select_split(source, 4)
-    loaders = build_loaders(source, split, batch_size=2, num_workers=0, seed=0, need_unlabeled=True)
-    torch.manual_seed(0)
-    method = method_cls(
-        model=lambda: TinySegmenter(num_classes), ema=EMA(0.9), reweight=Confidence(), cutmix_prob=0.5
-    )
-    options = {"iters": ITERS, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, **kwargs}
-    return Trainer(
-        method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), epochs=1,
-        decoder_lr_mult=1.0, poly_power=0.9, device=torch.device("cpu"), eval_protocol=EvalProtocol(),
-        num_classes=6, ignore_index=255, class_names=source.class_names, run_dir=run_dir,
-        logger=logger or Recorder(), **options,
-    )
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            assert_same_state(a[key], b[key])
-        elif isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
+    generated = shapes(tmp_path_factory.mktemp("data") / "shapes")
+    generated.pools()
+    return generated
 
 
 # --- resume -------------------------------------------------------------------------------------------------
@@ -95,7 +46,7 @@ def test_stop_signal_checkpoints_and_resume_is_exact(source, tmp_path):
     reference = make_trainer(source, tmp_path / "reference")
     reference.fit()
 
-    stopped = make_trainer(source, tmp_path / "run", logger=Recorder(signal_at=(3, signal.SIGUSR1)))
+    stopped = make_trainer(source, tmp_path / "run", logger=Recorder(3, signal.SIGUSR1))
     with pytest.raises(TrainingInterrupted, match=r"SIGUSR1 after iteration 3.*last\.pt"):
         stopped.fit()  # mid-epoch, just after the warm-up
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # our handler is gone again
@@ -125,7 +76,7 @@ def test_stop_signal_goes_to_the_previous_handler_after_the_checkpoint(source, t
     requeue = lambda signum, frame: seen.append((signum, load_checkpoint(last)["iteration"]))  # noqa: E731
     previous = signal.signal(signal.SIGUSR2, requeue)
     try:
-        trainer = make_trainer(source, tmp_path, logger=Recorder(signal_at=(5, signal.SIGUSR2)))
+        trainer = make_trainer(source, tmp_path, logger=Recorder(5, signal.SIGUSR2))
         trainer.fit()  # the handler returned, so training goes on
         assert signal.getsignal(signal.SIGUSR2) is requeue
     finally:

@@ -6,66 +6,24 @@ The Trainer runs GTA-Seg with the tiny network of ``tests/tiny.py`` on 32-pixel 
 
 from __future__ import annotations
 
-import os
-import signal
-from functools import partial
-from pathlib import Path
-
 import pytest
 import torch
 from syncs import HostSyncs
-from tiny import TinySegmenter
 from torch._dynamo.utils import counters
+from trainers import ITERS, Recorder, make_trainer, shapes
 
-from gta.data import SyntheticShapes, build_loaders, select_split
+from gta.data import SyntheticShapes
 from gta.engine.checkpoint import load_checkpoint
-from gta.engine.evaluate import EvalProtocol
 from gta.engine.precision import Precision
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
-from gta.methods import GTASeg
-from gta.methods.ema import EMA
-from gta.methods.reweight import Confidence
-from gta.tracking import NullLogger
-
-ITERS = 8  # 2 iterations per epoch: a warm-up epoch, then GTA-Seg proper
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> SyntheticShapes:
-    shapes = SyntheticShapes(
-        tmp_path_factory.mktemp("data") / "shapes",
-        num_labeled_pool=8, num_unlabeled=0, num_val=4, image_size=32,
-    )
-    shapes.pools()
-    return shapes
-
-
-class Recorder(NullLogger):
-    """Keeps the logged metrics; can send this process SIGUSR1 after logging a given step."""
-
-    def __init__(self, stop_at: int | None = None) -> None:
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.stop_at = stop_at
-
-    def log_metrics(self, metrics, step):
-        self.metrics.setdefault(step, {}).update(metrics)
-        if step == self.stop_at and any(k.startswith("train/") for k in metrics):
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
-def make_trainer(source, run_dir: Path, logger=None, **kwargs) -> Trainer:
-    split = select_split(source, 4)
-    loaders = build_loaders(source, split, batch_size=2, num_workers=0, seed=0, need_unlabeled=True)
-    torch.manual_seed(0)
-    method = GTASeg(model=lambda: TinySegmenter(6), ema=EMA(0.9), reweight=Confidence(), cutmix_prob=0.5)
-    options = {"iters": ITERS, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, **kwargs}
-    return Trainer(
-        method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), epochs=1,
-        decoder_lr_mult=1.0, poly_power=0.9, device=torch.device("cpu"), eval_protocol=EvalProtocol(),
-        num_classes=6, ignore_index=255, class_names=source.class_names, run_dir=run_dir,
-        logger=logger or Recorder(), **options,
-    )
+    generated = shapes(tmp_path_factory.mktemp("data") / "shapes")
+    generated.pools()
+    return generated
 
 
 # --- precision ----------------------------------------------------------------------------------------------
@@ -108,7 +66,7 @@ def test_fp16_loss_scales_resume_exactly(source, tmp_path):
     assert set(scales) == {"teacher", "student", "assistant"}
     assert scales["student"]["_growth_tracker"] == ITERS  # eight steps without overflow
 
-    stopped = make_trainer(source, tmp_path / "run", precision="fp16", logger=Recorder(stop_at=5))
+    stopped = make_trainer(source, tmp_path / "run", precision="fp16", logger=Recorder(5))
     with pytest.raises(TrainingInterrupted):
         stopped.fit()
     last = tmp_path / "run" / "checkpoints" / "last.pt"
