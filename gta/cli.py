@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -16,32 +19,15 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def train(cfg: DictConfig) -> float:
-    from gta.train import run
+def hydra_command(name: str, module: str) -> Callable[[], Any]:
+    """A Hydra application composing ``conf/<name>.yaml`` and handing it to ``gta.<module>.run``; the
+    module is imported only when the command runs, so ``--help`` stays fast."""
 
-    return run(cfg)
+    @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")
+    def command(cfg: DictConfig) -> Any:
+        return importlib.import_module(f"gta.{module}").run(cfg)
 
-
-@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
-def evaluate(cfg: DictConfig) -> float:
-    from gta.eval import run
-
-    return run(cfg)
-
-
-@hydra.main(config_path=CONF_DIR, config_name="predict", version_base="1.3")
-def predict(cfg: DictConfig) -> int:
-    from gta.predict import run
-
-    return run(cfg)
-
-
-@hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
-def export(cfg: DictConfig) -> Path:
-    from gta.export import run
-
-    return run(cfg)
+    return command
 
 
 def report() -> None:
@@ -51,7 +37,13 @@ def report() -> None:
     report_main(sys.argv[1:])
 
 
-COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "export": export, "report": report}
+COMMANDS = {
+    "train": hydra_command("train", "train"),
+    "eval": hydra_command("eval", "eval"),
+    "predict": hydra_command("predict", "predict"),
+    "export": hydra_command("export", "export"),
+    "report": report,
+}
 USAGE = "usage: python -m gta {" + ",".join(COMMANDS) + "} [key=value ...] [--multirun] [--help]"
 
 

@@ -335,15 +335,21 @@ class EvalDataOverrides:
 
 
 @dataclass
-class EvalCommandConfig:
-    """``python -m gta eval``: the run's own config, with the values set here (non-null) replacing its own."""
+class SavedModelConfig:
+    """A model saved by ``train``, as the commands that load one (eval, predict, export) name it."""
 
     #: a ``<model>.pt`` state_dict written by ``train``, or a training-state checkpoint with "models"
     checkpoint: str = MISSING
     #: the run's resolved config; null: config.yaml beside the checkpoint or one directory up
     config: str | None = None
-    #: which model of a training-state checkpoint to evaluate
+    #: which model of a training-state checkpoint to load
     model_name: str = "teacher"
+
+
+@dataclass
+class EvalCommandConfig(SavedModelConfig):
+    """``python -m gta eval``: the run's own config, with the values set here (non-null) replacing its own."""
+
     device: str | None = None
     dataset: EvalDatasetOverrides = field(default_factory=EvalDatasetOverrides)
     eval: EvalProtocolOverrides = field(default_factory=EvalProtocolOverrides)
@@ -351,14 +357,9 @@ class EvalCommandConfig:
 
 
 @dataclass
-class PredictCommandConfig:
+class PredictCommandConfig(SavedModelConfig):
     """``python -m gta predict``: segment image files with a saved model (see gta/predict.py)."""
 
-    #: as for ``eval``: a ``<model>.pt`` state_dict or a training-state checkpoint with "models"
-    checkpoint: str = MISSING
-    #: the run's resolved config; null: config.yaml beside the checkpoint or one directory up
-    config: str | None = None
-    model_name: str = "teacher"
     #: an image file or a directory of them
     input: str = MISSING
     #: where <stem>.png (class ids, palette PNG) and <stem>_overlay.jpg go
@@ -371,12 +372,9 @@ class PredictCommandConfig:
 
 
 @dataclass
-class ExportCommandConfig:
+class ExportCommandConfig(SavedModelConfig):
     """``python -m gta export``: a saved model as a file for use outside Python (see gta/export.py)."""
 
-    checkpoint: str = MISSING
-    config: str | None = None
-    model_name: str = "teacher"
     output: str = MISSING
     #: "torchscript" or "onnx" (needs the onnx package)
     format: str = "torchscript"
