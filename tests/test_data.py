@@ -388,3 +388,15 @@ def test_base_source_defaults_and_check_root(tmp_path):
     assert source.class_names == ["class_0", "class_1"] and source.palette == [[0, 0, 0], [128, 0, 0]]
     with pytest.raises(FileNotFoundError, match=r"(?s)absent.*JPEGImages/"):
         source.check_root("JPEGImages/*.jpg")
+
+
+@pytest.mark.parametrize(("options", "culprit"), [
+    ({"pad_label": 7}, "pad_label=7"),
+    ({"pad_label": 255}, "pad_label=255"),
+    ({"scale_pivot": 0.3}, "scale_pivot=0.3"),
+])
+def test_released_code_data_switches_are_checked(tmp_path, options, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        SegmentationSource(tmp_path, num_classes=6, scale_range=(0.5, 2.0), **options)
+    source = SegmentationSource(tmp_path, num_classes=6, pad_label=0, scale_pivot=1.0)
+    assert (source.pad_label, source.scale_pivot) == (0, 1.0)
