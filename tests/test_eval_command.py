@@ -11,20 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from layouts import TINY, write_folder
 
-from gta.cli import CONF_DIR
-from gta.config import PROJECT_ROOT, register_configs
+from gta.config import PROJECT_ROOT
 from gta.eval import run as evaluate
 from gta.train import run as train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def hydra_conf():
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield
+pytestmark = pytest.mark.usefixtures("hydra_conf")
 
 
 @pytest.fixture(scope="module")

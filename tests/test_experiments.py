@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from layouts import TINY, write_cityscapes, write_folder, write_voc
 from recording import Recording
 
-from gta.cli import CONF_DIR
-from gta.config import PROJECT_ROOT, register_configs
+from gta.config import PROJECT_ROOT
 from gta.eval import run as evaluate
 from gta.train import run as train
 
@@ -32,11 +31,7 @@ def roots(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def hydra_conf():
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield
+pytestmark = pytest.mark.usefixtures("hydra_conf")
 
 
 def runs(roots) -> dict[str, list[str]]:

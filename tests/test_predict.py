@@ -9,14 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from runs import gta
 
-from gta.cli import CONF_DIR
-from gta.config import register_configs
 from gta.data import voc_palette
 from gta.export import run as export
 from gta.predict import run as predict
@@ -24,11 +22,7 @@ from gta.predict import run as predict
 NUM_CLASSES = 6  # the synthetic dataset's
 
 
-@pytest.fixture(scope="module", autouse=True)
-def hydra_conf():
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield
+pytestmark = pytest.mark.usefixtures("hydra_conf")
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,11 @@ from functools import partial
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.utils import instantiate
 from test_methods import IPE, gta, make_batch, snapshot
 from tiny import TinySegmenter
 
-from gta.cli import CONF_DIR
-from gta.config import register_configs
 from gta.methods import Progress
 from gta.methods.pseudo_label import make_targets, teacher_targets, weighted_cross_entropy
 from gta.methods.reference import Reference
@@ -190,14 +188,7 @@ def test_everything_on_trains_through_every_phase():
     assert all(torch.isfinite(p).all() for p in method.parameters())
 
 
-@pytest.fixture(scope="module")
-def conf():
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield
-
-
-def test_preset_turns_every_switch_on(conf):
+def test_preset_turns_every_switch_on(hydra_conf):
     cfg = compose("train", overrides=["variant=gta_reference"])
     method = instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
     assert all(dataclasses.asdict(method.reference).values())

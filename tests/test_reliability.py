@@ -16,13 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.errors import ConfigCompositionException
-from trainers import ITERS, Recorder, assert_same_state, make_trainer, shapes
+from trainers import ITERS, Recorder, assert_same_state, make_trainer
 
-from gta.cli import CONF_DIR
-from gta.config import register_configs
-from gta.data import SyntheticShapes
 from gta.engine import checkpoint as ckpt
 from gta.engine.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_models
 from gta.engine.signals import TrainingInterrupted
@@ -30,13 +27,6 @@ from gta.engine.trainer import NonFiniteLossError
 from gta.methods import GTASeg
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> SyntheticShapes:
-    generated = shapes(tmp_path_factory.mktemp("data") / "shapes")
-    generated.pools()
-    return generated
 
 
 # --- resume -------------------------------------------------------------------------------------------------
@@ -220,13 +210,6 @@ TINY = [
     "dataset.crop_size=32", "data.batch_size=2", "model=deeplabv3plus_small", "logger=none",
     "data.num_workers=0", "split=4", "device=cpu",
 ]
-
-
-@pytest.fixture(scope="module")
-def hydra_conf():
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield
 
 
 @pytest.mark.parametrize(("override", "culprit"), [

@@ -10,21 +10,12 @@ import pytest
 import torch
 from syncs import HostSyncs
 from torch._dynamo.utils import counters
-from trainers import ITERS, Recorder, make_trainer, shapes
+from trainers import ITERS, Recorder, make_trainer
 
-from gta.data import SyntheticShapes
 from gta.engine.checkpoint import load_checkpoint
 from gta.engine.precision import Precision
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> SyntheticShapes:
-    generated = shapes(tmp_path_factory.mktemp("data") / "shapes")
-    generated.pools()
-    return generated
-
 
 # --- precision ----------------------------------------------------------------------------------------------
 

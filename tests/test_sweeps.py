@@ -7,7 +7,7 @@ import json
 
 import pytest
 import submitit.slurm.slurm as submitit_slurm
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra._internal.callbacks import Callbacks
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,8 +17,6 @@ from mlflow import MlflowClient
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
 from runs import gta, tiny
 
-from gta.cli import CONF_DIR
-from gta.config import register_configs
 from gta.report import report
 from gta.tracking.sweep import PARENT_FILE, SweepParent
 
@@ -27,13 +25,6 @@ LAUNCHERS = {
     "local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
     "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
 }
-
-
-@pytest.fixture
-def hydra_conf():
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield
 
 
 def compose_with_hydra(overrides: list[str]):

@@ -12,14 +12,13 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from runs import ROOT, gta
 from tiny import TinySegmenter
 
 from gta.cli import CONF_DIR
-from gta.config import register_configs
 
 EXPERIMENTS_DIR = ROOT / "experiments"
 INSTANT_DIR = EXPERIMENTS_DIR / "instant"
@@ -40,13 +39,6 @@ GRIDS = [name for name in EXPERIMENTS if sweep_params(name)]
 PRESETS = [name for name in EXPERIMENTS if name not in GRIDS]
 
 
-@pytest.fixture(scope="module")
-def conf():
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield
-
-
 def grid_points(params: dict[str, str]) -> list[list[str]]:
     """Every combination of the swept values, seeds aside (a seed never changes the composition)."""
     axes = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()
@@ -60,7 +52,7 @@ def test_experiment_group_is_the_experiments_directory():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_at_every_grid_point(conf, name):
+def test_experiment_composes_at_every_grid_point(hydra_conf, name):
     """``+experiment=NAME`` composes, and so does each point of its grid, with a buildable method."""
     base = compose("train", overrides=[f"+experiment={name}"], return_hydra_config=True)
     params = dict(base.hydra.sweeper.params or {})
@@ -77,7 +69,7 @@ def test_experiment_composes_at_every_grid_point(conf, name):
         assert method.reported in method.evaluated_models(), point
 
 
-def test_report_labels_are_values_of_the_grid(conf):
+def test_report_labels_are_values_of_the_grid(hydra_conf):
     """Row and column keys a table names (for labels and paper values) are values its grid produces."""
     for name in GRIDS:
         cfg = compose("train", overrides=[f"+experiment={name}"])

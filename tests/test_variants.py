@@ -7,13 +7,11 @@ from functools import partial
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.utils import instantiate
 from test_methods import IPE, gta, make_batch, sgd_update, snapshot
 from tiny import TinySegmenter
 
-from gta.cli import CONF_DIR
-from gta.config import register_configs
 from gta.methods import GTASeg, Progress, UnbiasedST
 from gta.methods.ema import EMA
 from gta.methods.reweight import Confidence, Uniform
@@ -160,13 +158,6 @@ def test_warmup_length_trains_all_three_on_labels_for_that_many_epochs():
 # --- every variant is reachable from the config tree ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def conf():
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield
-
-
 def build(overrides):
     cfg = compose("train", overrides=overrides)
     return instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
@@ -183,12 +174,12 @@ def build(overrides):
     (["reweight=confidence"], lambda m: isinstance(m.reweight, Confidence) and m.reweight.tau == 0.0),
     (["reweight=laplace"], lambda m: isinstance(m.reweight, Confidence) and m.reweight.tau == 1.0),
 ])
-def test_variant_options_compose(conf, overrides, check):
+def test_variant_options_compose(hydra_conf, overrides, check):
     method = build(overrides)
     assert check(method), overrides
 
 
-def test_paper_defaults(conf):
+def test_paper_defaults(hydra_conf):
     method = build([])
     assert isinstance(method, GTASeg)
     assert (method.transmit, method.assistant_data, method.student_data, method.warmup_epochs) == (
