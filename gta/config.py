@@ -121,8 +121,18 @@ class MeanTeacherConfig(SupOnlyConfig):
 
 
 @dataclass
+class GTAConfig(MeanTeacherConfig):
+    _target_: str = "gta.methods.GTASeg"
+    #: what the student receives from the assistant by EMA: "feature_extractor" (the paper) or "all"
+    transmit: str = "feature_extractor"
+    #: what the assistant and the student learn from (Table 7): "labeled", "pseudo" or "labeled+pseudo"
+    assistant_data: str = "pseudo"
+    student_data: str = "labeled"
+
+
+@dataclass
 class ReferenceConfig:
-    """The released code's behaviours (ALGORITHM.md §5, gta/methods/reference.py); all off: the paper's."""
+    """The released code's behaviours (docs/algorithm.md §5, gta/methods/reference.py); all off: the paper's."""
 
     _target_: str = "gta.methods.reference.Reference"
     shared_classifier: bool = False
@@ -131,18 +141,14 @@ class ReferenceConfig:
     mixed_confidence: bool = False
     dropped_in_normaliser: bool = False
     bn_from_forwards: bool = False
-    warmup_student_only: bool = False
+    warmup_forwards: bool = False
 
 
 @dataclass
-class GTAConfig(MeanTeacherConfig):
-    _target_: str = "gta.methods.GTASeg"
-    #: what the student receives from the assistant by EMA: "feature_extractor" (the paper) or "all"
-    transmit: str = "feature_extractor"
-    #: what the assistant and the student learn from (Table 7): "labeled", "pseudo" or "labeled+pseudo"
-    assistant_data: str = "pseudo"
-    student_data: str = "labeled"
-    #: switches for the released code's behaviours (variant=gta_reference turns them all on)
+class GTAReferenceConfig(GTAConfig):
+    """GTA-Seg with a switch per behaviour of the released code (variant=gta_reference turns them all on)."""
+
+    _target_: str = "gta.methods.reference.GTASegReference"
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
@@ -389,7 +395,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "folder": FolderConfig,
     },
     "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig,
-               "unbiased_st": UnbiasedSTConfig},
+               "gta_reference": GTAReferenceConfig, "unbiased_st": UnbiasedSTConfig},
     "reweight": {"uniform": UniformReweightConfig, "confidence": ConfidenceReweightConfig},
     "logger": {"none": NoLoggerConfig, "mlflow": MLflowConfig},
 }

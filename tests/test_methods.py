@@ -47,6 +47,16 @@ def snapshot(params):
     return [p.detach().clone() for p in params]
 
 
+#: the second semi-supervised iteration: past the hand-over, so the formulas of Eqs. 9 and 12 apply as written
+AFTER_HAND_OVER = Progress(IPE + 1, IPE, 4 * IPE)
+
+
+def handed_over(method):
+    """``method`` as it stands after its hand-over (every follower a copy of the student)."""
+    method.hand_over()
+    return method
+
+
 def test_gradient_routing_over_many_iterations():
     """After warm-up, the student's g only ever receives gradients from L_l and the assistant never
     sees labeled data."""
@@ -62,7 +72,7 @@ def test_gradient_routing_over_many_iterations():
         batch.image.requires_grad_(True)
 
         def check(name, loss, batch=batch, warmup=it < IPE):
-            if warmup:  # the paper's warm-up trains all three models on labeled data
+            if warmup:  # the warm-up trains the student on labeled data
                 return
             to_x_u, to_x_l = torch.autograd.grad(loss, [batch.unlabeled, batch.image], retain_graph=True,
                                                  allow_unused=True)
@@ -78,13 +88,12 @@ def test_gradient_routing_over_many_iterations():
         method.training_step(batch, Progress(it, IPE, 4 * IPE), sgd_update(method, order, check))
         if it >= IPE:  # after warm-up
             assert seen_by_assistant and all((x != 5.0).all() for x in seen_by_assistant)
-    # warm-up trains all three on labels, then the assistant steps before the student every iteration
-    assert order[:3 * IPE] == ["teacher", "student", "assistant"] * IPE
-    assert order[3 * IPE:] == ["assistant", "student"] * 3 * IPE
+    # the warm-up trains the student on labels, then the assistant steps before the student every iteration
+    assert order == ["student"] * IPE + ["assistant", "student"] * 3 * IPE
 
 
 def test_transmission_moves_only_the_feature_extractor():
-    method = gta()
+    method = handed_over(gta())
     alpha = 0.9
     student_f0 = snapshot(method.student.feature_extractor_parameters())
     student_g0 = snapshot(method.student.mask_predictor_parameters())
@@ -94,35 +103,40 @@ def test_transmission_moves_only_the_feature_extractor():
     def check(name, loss):
         if name == "student":  # after transmission, before the student's own step
             for s, s0, a in zip(method.student.feature_extractor_parameters(), student_f0,
-                                method.assistant.feature_extractor_parameters(), strict=False):
+                                method.assistant.feature_extractor_parameters(), strict=True):
                 torch.testing.assert_close(s, alpha * s0 + (1 - alpha) * a)
-            for g, g0 in zip(method.student.mask_predictor_parameters(), student_g0, strict=False):
+            for g, g0 in zip(method.student.mask_predictor_parameters(), student_g0, strict=True):
                 assert torch.equal(g, g0)
             checked.append(name)
 
-    method.training_step(make_batch(), Progress(IPE, IPE, 4 * IPE), sgd_update(method, check=check))
+    method.training_step(make_batch(), AFTER_HAND_OVER, sgd_update(method, check=check))
     assert checked == ["student"]
     # Eq. 12: the teacher is the EMA of every student parameter (after the student's step).
-    for t, t0, s in zip(method.teacher.parameters(), teacher0, method.student.parameters(), strict=False):
+    for t, t0, s in zip(method.teacher.parameters(), teacher0, method.student.parameters(), strict=True):
         torch.testing.assert_close(t, alpha * t0 + (1 - alpha) * s)
 
 
 def test_transmit_all_moves_the_mask_predictor_too():
-    method = gta(transmit="all")
+    method = handed_over(gta(transmit="all"))
     g0 = snapshot(method.student.mask_predictor_parameters())
+    checked = []
+
     def check(name, loss):
         if name == "student":
             for g, g_0, a in zip(method.student.mask_predictor_parameters(), g0,
-                                 method.assistant.mask_predictor_parameters(), strict=False):
+                                 method.assistant.mask_predictor_parameters(), strict=True):
                 torch.testing.assert_close(g, 0.9 * g_0 + 0.1 * a)
-    method.training_step(make_batch(), Progress(IPE, IPE, 4 * IPE), sgd_update(method, check=check))
+            checked.append(name)
+
+    method.training_step(make_batch(), AFTER_HAND_OVER, sgd_update(method, check=check))
+    assert checked == ["student"]
     with pytest.raises(ValueError, match="method.transmit"):
         gta(transmit="encoder")
 
 
 def test_mean_teacher_student_learns_from_both_losses():
     torch.manual_seed(0)
-    method = MeanTeacher(partial(TinySegmenter, 3), EMA(0.9, ramp=False), Confidence(1.0), unsup_weight=0.5)
+    method = handed_over(MeanTeacher(partial(TinySegmenter, 3), EMA(0.9, ramp=False), Confidence(1.0), unsup_weight=0.5))
     batch = make_batch()
     batch.unlabeled.requires_grad_(True)
     batch.image.requires_grad_(True)
@@ -134,10 +148,10 @@ def test_mean_teacher_student_learns_from_both_losses():
                                             allow_unused=True)
 
     teacher0 = snapshot(method.teacher.parameters())
-    stats = method.training_step(batch, Progress(IPE, IPE, 4 * IPE), sgd_update(method, check=check))
+    stats = method.training_step(batch, AFTER_HAND_OVER, sgd_update(method, check=check))
     assert seen["loss"].item() == pytest.approx((stats["student/loss_l"] + 0.5 * stats["student/loss_u"]).item(), rel=1e-6)
     assert all(g is not None for g in seen["grads"])  # both x_l and pseudo-labelled x_u reach the student
-    for t, t0, s in zip(method.teacher.parameters(), teacher0, method.student.parameters(), strict=False):
+    for t, t0, s in zip(method.teacher.parameters(), teacher0, method.student.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
 
 

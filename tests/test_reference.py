@@ -1,4 +1,4 @@
-"""The released code's behaviours (ALGORITHM.md §5): each switch alone, off by default, and the preset."""
+"""The released code's behaviours (docs/algorithm.md §5): each switch alone, off by default, and the preset."""
 
 from __future__ import annotations
 
@@ -9,15 +9,22 @@ import pytest
 import torch
 from hydra import compose
 from hydra.utils import instantiate
-from test_methods import IPE, gta, make_batch, snapshot
+from test_methods import IPE, make_batch, snapshot
 from tiny import TinySegmenter
 
 from gta.methods import Progress
-from gta.methods.pseudo_label import make_targets, teacher_targets, weighted_cross_entropy
-from gta.methods.reference import Reference
+from gta.methods.ema import EMA
+from gta.methods.pseudo_label import make_targets
+from gta.methods.reference import GTASegReference, Reference
 from gta.methods.reweight import Confidence
 
 TOTAL = 4 * IPE  # warm-up epoch 0, first semi-supervised epoch 1, then epochs 2 and 3
+
+
+def gta(**switches) -> GTASegReference:
+    torch.manual_seed(0)
+    return GTASegReference(partial(TinySegmenter, 3), EMA(alpha=0.9, ramp=False), Confidence(1.0),
+                           cutmix_prob=0.5, reference=Reference(**switches))
 
 
 def shares(a, b) -> bool:
@@ -50,7 +57,7 @@ def test_paper_behaviour_is_the_default():
 
 
 def test_shared_classifier_is_one_tensor_moved_by_both_optimisers():
-    method = gta(reference=Reference(shared_classifier=True))
+    method = gta(shared_classifier=True)
     student_g = method.student.mask_predictor_parameters()
     assistant_g = method.assistant.mask_predictor_parameters()
     run(method, range(2 * IPE))  # warm-up and the first semi-supervised epoch: separate tensors
@@ -75,7 +82,7 @@ def test_shared_classifier_is_one_tensor_moved_by_both_optimisers():
 
 
 def test_resync_makes_the_first_semi_supervised_epoch_self_training():
-    method = gta(reference=Reference(resync_first_epoch=True))
+    method = gta(resync_first_epoch=True)
     student = list(method.student.parameters())
     seen = {}
 
@@ -97,7 +104,7 @@ def test_resync_makes_the_first_semi_supervised_epoch_self_training():
 
 
 def test_resync_with_shared_classifier_keeps_only_the_classifier_shared():
-    method = gta(reference=Reference(resync_first_epoch=True, shared_classifier=True))
+    method = gta(resync_first_epoch=True, shared_classifier=True)
     run(method, range(3 * IPE))
     s, a = method.student, method.assistant
     assert shares(s.mask_predictor_parameters(), a.mask_predictor_parameters())
@@ -109,26 +116,36 @@ def test_resync_with_shared_classifier_keeps_only_the_classifier_shared():
 
 def test_constant_assistant_lr():
     assert gta().scheduled("assistant")
-    method = gta(reference=Reference(constant_assistant_lr=True))
+    method = gta(constant_assistant_lr=True)
     assert not method.scheduled("assistant") and method.scheduled("student")
 
 
 def test_mixed_confidence_comes_from_a_train_mode_forward():
-    torch.manual_seed(0)
-    teacher = TinySegmenter(3)
-    teacher.train()(torch.rand(4, 3, 8, 8) * 5)  # running statistics unlike any batch: train != eval
-    x_u, padding = torch.rand(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long)
-    common = dict(drop=0.2, reweight=Confidence(1.0), cutmix_prob=0.0, ignore_index=255)
+    paper, method = gta(), gta(mixed_confidence=True)
+    paper.teacher.train()(torch.rand(4, 3, 8, 8) * 5)  # running statistics unlike any batch: train != eval
+    method.teacher.load_state_dict(paper.teacher.state_dict())
+    paper.cutmix_prob = method.cutmix_prob = 0.0  # the train-mode forward sees the images the labels came from
+    batch = make_batch()
     with torch.no_grad():
-        eval_probs = teacher.eval()(x_u).softmax(1)
-    paper = teacher_targets(teacher, x_u, padding, **common)
-    with torch.no_grad():
-        train_probs = teacher.train()(x_u).softmax(1)  # what the switch's forward sees (no mixing here)
-    reference = teacher_targets(teacher, x_u, padding, mixed_confidence=True, **common)
-    torch.testing.assert_close(paper.confidence, eval_probs.max(1).values)
-    torch.testing.assert_close(reference.confidence, train_probs.max(1).values, rtol=1e-4, atol=1e-5)
-    kept = reference.keep
-    assert torch.equal(reference.label[kept], eval_probs.argmax(1)[kept])  # labels: still the eval forward
+        eval_probs = paper.teacher.eval()(batch.unlabeled).softmax(1)
+    ours, released = paper.pseudo_labels(batch), method.pseudo_labels(batch)
+    with torch.no_grad():  # a train-mode forward normalises with the batch's statistics
+        train_probs = paper.teacher.train()(batch.unlabeled).softmax(1)
+    torch.testing.assert_close(ours.confidence, eval_probs.max(1).values)
+    torch.testing.assert_close(released.confidence, train_probs.max(1).values, rtol=1e-4, atol=1e-5)
+    kept = released.keep
+    assert torch.equal(released.label[kept], eval_probs.argmax(1)[kept])  # labels: still the eval forward
+
+
+class Fixed(torch.nn.Module):
+    """A model whose logits are given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
 
 
 def test_dropped_pixels_in_the_normaliser():
@@ -141,26 +158,26 @@ def test_dropped_pixels_in_the_normaliser():
     ce = torch.nn.functional.cross_entropy(logits, torch.zeros(1, 1, 5, dtype=torch.long), reduction="none")
     raw = (c + 1) * t.keep
     expected = (raw * ce).sum() / (raw.sum() + 1)
-    assert weighted_cross_entropy(logits, t, 255, dropped_in_normaliser=True).item() == pytest.approx(
-        expected.item(), rel=1e-6)
-    assert weighted_cross_entropy(logits, t, 255).item() != pytest.approx(expected.item(), rel=1e-3)
+    released = gta(dropped_in_normaliser=True).unlabeled_loss(Fixed(logits), t)
+    assert released.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert gta().unlabeled_loss(Fixed(logits), t).item() != pytest.approx(expected.item(), rel=1e-3)
 
 
 def test_bn_from_forwards():
-    method = gta(reference=Reference(bn_from_forwards=True))
+    method = gta(bn_from_forwards=True)
     sizes = []
     method.student.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     bn_t, bn_s = method.teacher.features[1], method.student.features[1]
-    run(method, range(IPE))
+    run(method, range(IPE + 1))  # the warm-up and the hand-over, which copies the student's statistics
     sizes.clear()
     bn_s.running_mean.fill_(100.0)  # averaging the student's statistics would drag the teacher's up
-    run(method, [IPE])
+    run(method, [IPE + 1])
     assert sizes == [4]  # the student's one forward: 2 labeled + 2 unlabeled images
     assert bn_t.running_mean.abs().max() < 10  # 0.1 * 100 if averaged: the teacher kept its own
 
 
-def test_warmup_trains_only_the_student_then_the_others_copy_it():
-    method = gta(reference=Reference(warmup_student_only=True))
+def test_warmup_forwards_then_the_hand_over_copies_parameters_only():
+    method = gta(warmup_forwards=True)
     teacher0, assistant0 = snapshot(method.teacher.parameters()), snapshot(method.assistant.parameters())
     stats0 = method.teacher.features[1].running_mean.clone()
     order = []
@@ -177,13 +194,19 @@ def test_warmup_trains_only_the_student_then_the_others_copy_it():
             copied.append(all(torch.equal(a, s) for a, s in zip(
                 method.assistant.parameters(), method.student.parameters(), strict=True)))
 
+    teacher_stats = method.teacher.features[1].running_var.clone()
     run(method, [IPE], before=before)
     assert copied == [True]
     assert not shares(method.assistant.parameters(), method.student.parameters())
+    # the statistics stayed behind: the teacher's are its own warm-up's, averaged with the student's from
+    # here on (0.9 * own + 0.1 * student's), not a copy of the student's
+    bn_t, bn_s = method.teacher.features[1], method.student.features[1]
+    assert not torch.equal(bn_t.running_var, bn_s.running_var)
+    torch.testing.assert_close(bn_t.running_var, 0.9 * teacher_stats + 0.1 * bn_s.running_var)
 
 
 def test_everything_on_trains_through_every_phase():
-    method = gta(reference=Reference(*[True] * len(dataclasses.fields(Reference))))
+    method = gta(**{f.name: True for f in dataclasses.fields(Reference)})
     run(method, range(TOTAL))
     assert all(torch.isfinite(p).all() for p in method.parameters())
 
@@ -191,7 +214,7 @@ def test_everything_on_trains_through_every_phase():
 def test_preset_turns_every_switch_on(hydra_conf):
     cfg = compose("train", overrides=["variant=gta_reference"])
     method = instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
-    assert all(dataclasses.asdict(method.reference).values())
+    assert isinstance(method, GTASegReference) and all(dataclasses.asdict(method.reference).values())
     assert method.ema.alpha == 0.999 and method.ema.ramp  # §5.6
     assert cfg.dataset.pad_label == 0 and cfg.dataset.scale_pivot == 1.0  # §5.8, §5.10
     assert instantiate(cfg.eval).pad_label == 0  # §5.8 in validation too
@@ -199,6 +222,7 @@ def test_preset_turns_every_switch_on(hydra_conf):
     assert compose("train", overrides=["variant=gta_reference", "ema.alpha=0.99"]).method.ema.alpha == 0.99
     paper = compose("train")
     assert paper.dataset.pad_label is None and paper.dataset.scale_pivot is None and paper.method.ema.alpha == 0.99
-    one = compose("train", overrides=["method.reference.mixed_confidence=true"])
-    switches = instantiate(one.method.reference)
+    assert "reference" not in paper.method  # the paper's GTA-Seg has no switches to set
+    one = compose("train", overrides=["method=gta_reference", "method.reference.mixed_confidence=true"])
+    switches = instantiate(one.method, model=partial(TinySegmenter, 3)).reference
     assert switches.mixed_confidence and not switches.shared_classifier

@@ -32,24 +32,26 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- resume -------------------------------------------------------------------------------------------------
 
 
-def test_stop_signal_checkpoints_and_resume_is_exact(source, tmp_path):
+@pytest.mark.parametrize("stop", [2, 3], ids=["before-hand-over", "after-hand-over"])
+def test_stop_signal_checkpoints_and_resume_is_exact(source, tmp_path, stop):
+    """Stopped after the warm-up's last iteration (the hand-over is the next) or after the hand-over's."""
     reference = make_trainer(source, tmp_path / "reference")
     reference.fit()
 
-    stopped = make_trainer(source, tmp_path / "run", logger=Recorder(3, signal.SIGUSR1))
-    with pytest.raises(TrainingInterrupted, match=r"SIGUSR1 after iteration 3.*last\.pt"):
-        stopped.fit()  # mid-epoch, just after the warm-up
+    stopped = make_trainer(source, tmp_path / "run", logger=Recorder(stop, signal.SIGUSR1))
+    with pytest.raises(TrainingInterrupted, match=rf"SIGUSR1 after iteration {stop}.*last\.pt"):
+        stopped.fit()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # our handler is gone again
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
-    assert (state["iteration"], state["epoch"], state["iters_per_epoch"]) == (3, 1, 2)
+    assert (state["iteration"], state["epoch"], state["iters_per_epoch"]) == (stop, stop // 2, 2)
 
     resumed = make_trainer(source, tmp_path / "run")
     resumed.resume(state, last)
     resumed.fit()
     assert_same_state(resumed.state_dict(ITERS)["models"], reference.state_dict(ITERS)["models"])
     assert_same_state(resumed.state_dict(ITERS)["optimizers"], reference.state_dict(ITERS)["optimizers"])
-    later = {step: m for step, m in reference.logger.metrics.items() if step > 3}
+    later = {step: m for step, m in reference.logger.metrics.items() if step > stop}
     assert resumed.logger.metrics == later  # the same losses, logged once each
     assert resumed.history[-1].miou == reference.history[-1].miou
 

@@ -147,12 +147,12 @@ def test_data_routing_rejects_unknown_data():
         gta(student_data="unlabeled")
 
 
-def test_warmup_length_trains_all_three_on_labels_for_that_many_epochs():
+def test_warmup_length_trains_the_student_on_labels_for_that_many_epochs():
     method = gta(warmup_epochs=2)
     order = []
     for it in range(3 * IPE):
         method.training_step(make_batch(), Progress(it, IPE, 3 * IPE), sgd_update(method, order))
-    assert order == ["teacher", "student", "assistant"] * 2 * IPE + ["assistant", "student"] * IPE
+    assert order == ["student"] * 2 * IPE + ["assistant", "student"] * IPE
 
 
 # --- every variant is reachable from the config tree ------------------------------------------------------

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from gta.methods.base import Batch, Progress, SelfTraining, Update
 from gta.methods.ema import EMA, ema_model_
@@ -18,17 +18,14 @@ class MeanTeacher(SelfTraining):
         self,
         model: Callable[[], nn.Module],
         ema: EMA,
-        reweight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        reweight: Callable[[Tensor, Tensor], Tensor],
         ignore_index: int = 255,
         drop: float = 0.2,
         unsup_weight: float = 1.0,
         warmup_epochs: int = 1,
         cutmix_prob: float = 0.5,
     ) -> None:
-        super().__init__(ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
-        self.student = model()
-        self.teacher = model()
-        self.teacher.requires_grad_(False)
+        super().__init__(model(), ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
 
     def trained_models(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -36,20 +33,14 @@ class MeanTeacher(SelfTraining):
     def evaluated_models(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher, "student": self.student}
 
-    def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, torch.Tensor]:
-        self.student.train()
-        if progress.epoch < self.warmup_epochs:
-            loss_l = F.cross_entropy(self.student(batch.image), batch.mask, ignore_index=self.ignore_index)
-            update("student", loss_l)
-            return {"student/loss_l": loss_l.detach()}
-
-        k = progress.iteration - self.warmup_epochs * progress.iters_per_epoch
+    def semi_supervised_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:
         targets = self.pseudo_labels(batch)
         # One forward over x_l and x_u together, so BatchNorm sees both, as in the usual Mean Teacher.
+        self.student.train()
         logits = self.student(torch.cat([batch.image, targets.image]))
         logits_l, logits_u = logits.split([batch.image.shape[0], targets.image.shape[0]])
         loss_l = F.cross_entropy(logits_l, batch.mask, ignore_index=self.ignore_index)
         loss_u = weighted_cross_entropy(logits_u, targets, self.ignore_index)
         update("student", loss_l + self.unsup_weight * loss_u)
-        ema_model_(self.teacher, self.student, self.ema.decay(k))
+        ema_model_(self.teacher, self.student, self.ema.decay(self.since_hand_over(progress)))
         return {"student/loss_l": loss_l.detach(), "student/loss_u": loss_u.detach(), "kept": targets.keep.float().mean()}

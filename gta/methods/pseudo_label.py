@@ -76,20 +76,20 @@ def make_targets(
     return PseudoLabels(image, label, weight, confidence, keep, valid)
 
 
-def weighted_cross_entropy(
-    logits: torch.Tensor, targets: PseudoLabels, ignore_index: int, dropped_in_normaliser: bool = False
-) -> torch.Tensor:
-    """Eq. 7: Σ w·CE over kept pixels / number of kept pixels (0 when every pixel was dropped).
-
-    ``dropped_in_normaliser``: the released code's Σ_kept (c+1)·CE / (Σ_kept (c+1) + dropped pixels)
-    (ALGORITHM.md §5.5), whatever the re-weighting.
-    """
+def weighted_cross_entropy(logits: torch.Tensor, targets: PseudoLabels, ignore_index: int) -> torch.Tensor:
+    """Eq. 7: Σ w·CE over kept pixels / number of kept pixels (0 when every pixel was dropped)."""
     ce = F.cross_entropy(logits.float(), targets.label, ignore_index=ignore_index, reduction="none")
-    if not dropped_in_normaliser:
-        return (targets.weight * ce).sum() / targets.keep.sum().clamp_min(1)
-    raw = (targets.confidence + 1.0) * targets.keep
-    dropped = (targets.valid & ~targets.keep).sum()
-    return (raw * ce).sum() / (raw.sum() + dropped).clamp_min(1)
+    return (targets.weight * ce).sum() / targets.keep.sum().clamp_min(1)
+
+
+def mixed_predictions(
+    teacher: nn.Module, unlabeled: torch.Tensor, padding: torch.Tensor, cutmix_prob: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 1: the teacher labels the un-mixed images, then CutMix mixes images, confidences c,
+    pseudo-labels ŷ and the real-pixel mask with the same boxes. Returns (image, c, ŷ, valid)."""
+    confidence, label = predict(teacher, unlabeled)
+    image, confidence, label, valid = cutmix([unlabeled, confidence, label, padding != ignore_index], cutmix_prob)
+    return image, confidence, label, valid
 
 
 def teacher_targets(
@@ -101,20 +101,8 @@ def teacher_targets(
     reweight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     cutmix_prob: float,
     ignore_index: int,
-    mixed_confidence: bool = False,
 ) -> PseudoLabels:
-    """Steps 1-3 of Algorithm 1 on an unlabeled batch.
-
-    The teacher labels the un-mixed images; CutMix then mixes images, pseudo-labels, confidences and
-    the padding mask with the same boxes, and the threshold and weights are computed on the result.
-    ``mixed_confidence``: the confidences come instead from a train-mode teacher forward on the mixed
-    batch, as in the released code (ALGORITHM.md §5.4).
-    """
-    confidence, label = predict(teacher, unlabeled)
-    valid = padding != ignore_index
-    image, confidence, label, valid = cutmix([unlabeled, confidence, label, valid], cutmix_prob)
-    if mixed_confidence:
-        with torch.no_grad():
-            teacher.train()
-            confidence = teacher(image).float().softmax(dim=1).max(dim=1).values
+    """Steps 1-3 of Algorithm 1 on an unlabeled batch (docs/algorithm.md §2): the threshold and the
+    weights are computed on the mixed batch."""
+    image, confidence, label, valid = mixed_predictions(teacher, unlabeled, padding, cutmix_prob, ignore_index)
     return make_targets(image, confidence, label, valid, drop, reweight, ignore_index)

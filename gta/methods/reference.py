@@ -1,8 +1,9 @@
-"""Where the released GTA-Seg training code differs from the paper (ALGORITHM.md §5), as switches.
+"""GTA-Seg as the released training code runs it (docs/algorithm.md §5): each difference from the paper a
+switch of ``Reference``, all off by default, so ``GTASegReference`` with no switch on is ``GTASeg``.
 
-Every switch is off by default (the paper's behaviour); ``variant=gta_reference`` turns them all on.
-The released code's EMA decay (§5.6, 0.999) is ``ema.alpha``; its data-pipeline differences are
-``dataset.pad_label`` (§5.8) and ``dataset.scale_pivot`` (§5.10).
+``method=gta_reference`` builds it; ``variant=gta_reference`` turns every switch on, with the released
+code's EMA decay (§5.6, ``ema.alpha=0.999``) and its data-pipeline differences (§5.8 ``dataset.pad_label``,
+§5.10 ``dataset.scale_pivot``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gta.methods.base import Batch, Progress, Update
+from gta.methods.ema import ema_
+from gta.methods.gta import GTASeg
+from gta.methods.pseudo_label import PseudoLabels, make_targets, mixed_predictions
 
 
 @dataclass(frozen=True)
@@ -31,12 +39,101 @@ class Reference:
     #: §5.7 the student's forward also sees the unlabeled images (BatchNorm statistics only) and the
     #: teacher keeps BatchNorm statistics of its own train-mode forwards instead of averaging them
     bn_from_forwards: bool = False
-    #: §5.9 warm-up trains the student only; teacher and assistant run forwards, then copy it
-    warmup_student_only: bool = False
+    #: §5.9 during the warm-up teacher and assistant run train-mode forwards on the labeled batches, and
+    #: the hand-over copies the student's parameters only, leaving their BatchNorm statistics behind
+    warmup_forwards: bool = False
+
+
+class GTASegReference(GTASeg):
+    def __init__(self, *args, reference: Reference | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reference = reference or Reference()
+
+    def scheduled(self, name: str) -> bool:
+        return not (name == "assistant" and self.reference.constant_assistant_lr)  # §5.3
+
+    # --- warm-up and hand-over (§5.9) --------------------------------------------------------------------
+    def warmup_step(self, batch: Batch, update: Update) -> dict[str, Tensor]:
+        if self.reference.warmup_forwards:
+            with torch.no_grad():
+                for model in self.followers():
+                    model.train()(batch.image)
+        return super().warmup_step(batch, update)
+
+    @torch.no_grad()
+    def hand_over(self) -> None:
+        if not self.reference.warmup_forwards:
+            return super().hand_over()
+        for model in self.followers():
+            copy_(model.parameters(), self.student.parameters())
+
+    # --- the semi-supervised iteration ------------------------------------------------------------------
+    def semi_supervised_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:
+        self.link(first_epoch=self.since_hand_over(progress) < progress.iters_per_epoch)
+        return super().semi_supervised_step(batch, progress, update)
+
+    def link(self, first_epoch: bool) -> None:
+        """The released code's parameter links (§5.1, §5.2), made at the start of an iteration."""
+        ref, followers = self.reference, self.followers()
+        if ref.resync_first_epoch and first_epoch:
+            for model in followers:
+                share_(model.parameters(), self.student.parameters())
+            return
+        if ref.resync_first_epoch:  # the re-synced epoch is over: each model owns its tensors again
+            unshare_(self.teacher.parameters(), self.student.parameters())
+            part = "feature_extractor_parameters" if ref.shared_classifier else "parameters"  # §5.1 keeps g
+            unshare_(getattr(self.assistant, part)(), getattr(self.student, part)())
+        if ref.shared_classifier and not first_epoch:
+            share_(self.assistant.mask_predictor_parameters(), self.student.mask_predictor_parameters())
+
+    def pseudo_labels(self, batch: Batch) -> PseudoLabels:
+        if not self.reference.mixed_confidence:
+            return super().pseudo_labels(batch)
+        # §5.4: labels from the eval-mode teacher on the un-mixed images, confidences from a train-mode
+        # forward on the mixed batch
+        image, _, label, valid = mixed_predictions(
+            self.teacher, batch.unlabeled, batch.unlabeled_mask, self.cutmix_prob, self.ignore_index
+        )
+        with torch.no_grad():
+            confidence = self.teacher.train()(image).float().softmax(dim=1).max(dim=1).values
+        return make_targets(image, confidence, label, valid, self.drop, self.reweight, self.ignore_index)
+
+    def losses(self, model: nn.Module, data: str, batch: Batch, targets: PseudoLabels) -> dict[str, Tensor]:
+        sources = data.split("+")
+        if not (self.reference.bn_from_forwards and model is self.student and "labeled" in sources):
+            return super().losses(model, data, batch, targets)
+        # §5.7: the student's labeled forward takes the mixed unlabeled images along, for BatchNorm only
+        model.train()
+        logits = model(torch.cat([batch.image, targets.image]))[: batch.image.shape[0]]
+        losses = {"loss_l": F.cross_entropy(logits, batch.mask, ignore_index=self.ignore_index)}
+        if "pseudo" in sources:
+            losses["loss_u"] = self.unlabeled_loss(model, targets)
+        return losses
+
+    def unlabeled_loss(self, model: nn.Module, targets: PseudoLabels) -> Tensor:
+        if not self.reference.dropped_in_normaliser:
+            return super().unlabeled_loss(model, targets)
+        # §5.5: the dropped pixels join the normaliser, whatever the re-weighting
+        model.train()
+        ce = F.cross_entropy(model(targets.image).float(), targets.label, ignore_index=self.ignore_index,
+                             reduction="none")
+        raw = (targets.confidence + 1.0) * targets.keep
+        dropped = (targets.valid & ~targets.keep).sum()
+        return (raw * ce).sum() / (raw.sum() + dropped).clamp_min(1)
+
+    def update_teacher(self, targets: PseudoLabels, decay: float) -> None:
+        if not self.reference.bn_from_forwards:
+            return super().update_teacher(targets, decay)
+        # §5.7: parameters only; the teacher's statistics follow its own train-mode forward on the mixed
+        # batch (with §5.4 that forward already ran in pseudo_labels)
+        ema_(list(self.teacher.parameters()), list(self.student.parameters()), decay)
+        if not self.reference.mixed_confidence:
+            with torch.no_grad():
+                self.teacher.train()(targets.image)
 
 
 @torch.no_grad()
-def share_(targets: Iterable[torch.Tensor], sources: Iterable[torch.Tensor]) -> None:
+def share_(targets: Iterable[Tensor], sources: Iterable[Tensor]) -> None:
     """Make each target the same storage as its source (the released code's ``.data`` assignment):
     from then on, a step of either model's optimiser moves both."""
     for t, s in zip(targets, sources, strict=True):
@@ -45,7 +142,7 @@ def share_(targets: Iterable[torch.Tensor], sources: Iterable[torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def unshare_(targets: Iterable[torch.Tensor], sources: Iterable[torch.Tensor]) -> None:
+def unshare_(targets: Iterable[Tensor], sources: Iterable[Tensor]) -> None:
     """Give each target that shares its source's storage a copy of its own."""
     for t, s in zip(targets, sources, strict=True):
         if t.data_ptr() == s.data_ptr():
@@ -53,6 +150,6 @@ def unshare_(targets: Iterable[torch.Tensor], sources: Iterable[torch.Tensor]) -
 
 
 @torch.no_grad()
-def copy_(targets: Iterable[torch.Tensor], sources: Iterable[torch.Tensor]) -> None:
+def copy_(targets: Iterable[Tensor], sources: Iterable[Tensor]) -> None:
     for t, s in zip(targets, sources, strict=True):
         t.copy_(s)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gta.methods.base import Batch, Progress, SelfTraining, Update
@@ -54,10 +53,13 @@ class UnbiasedST(SelfTraining):
         warmup_epochs: int = 1,
         cutmix_prob: float = 0.5,
     ) -> None:
-        super().__init__(ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
-        self.student = WithPseudoHead(model())
-        self.teacher = model()
-        self.teacher.requires_grad_(False)
+        student = WithPseudoHead(model())
+        super().__init__(student, ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
+
+    @property
+    def student_network(self) -> nn.Module:
+        """f and the main head: what the teacher copies and averages (never the pseudo head)."""
+        return self.student.network
 
     def trained_models(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -65,17 +67,11 @@ class UnbiasedST(SelfTraining):
     def evaluated_models(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher, "student": self.student}
 
-    def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, torch.Tensor]:
-        self.student.train()
-        loss_l = F.cross_entropy(self.student(batch.image), batch.mask, ignore_index=self.ignore_index)
-        if progress.epoch < self.warmup_epochs:
-            update("student", loss_l)
-            return {"student/loss_l": loss_l.detach()}
-
+    def semi_supervised_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, torch.Tensor]:
         targets = self.pseudo_labels(batch)
+        loss_l = self.labeled_loss(self.student, batch)
         # The main head sees only ground truth, the pseudo head only pseudo-labels; f learns from both.
         loss_u = weighted_cross_entropy(self.student.pseudo(targets.image), targets, self.ignore_index)
         update("student", loss_l + self.unsup_weight * loss_u)
-        k = progress.iteration - self.warmup_epochs * progress.iters_per_epoch
-        ema_model_(self.teacher, self.student.network, self.ema.decay(k))
+        ema_model_(self.teacher, self.student_network, self.ema.decay(self.since_hand_over(progress)))
         return {"student/loss_l": loss_l.detach(), "student/loss_u": loss_u.detach(), "kept": targets.keep.float().mean()}
