@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from test_methods import IPE, gta, make_batch, sgd_update, snapshot
 from tiny import TinySegmenter
 
-from gta.methods import GTASeg, Progress, UnbiasedST
+from gta.methods import GTASeg, MeanTeacher, Progress, UnbiasedST
 from gta.methods.ema import EMA
 from gta.methods.reweight import Confidence, Uniform
 from gta.models import Segmenter
@@ -173,6 +173,8 @@ def build(overrides):
     (["reweight=none"], lambda m: isinstance(m.reweight, Uniform)),
     (["reweight=confidence"], lambda m: isinstance(m.reweight, Confidence) and m.reweight.tau == 0.0),
     (["reweight=laplace"], lambda m: isinstance(m.reweight, Confidence) and m.reweight.tau == 1.0),
+    # the baseline of Tables 1 and 4 (and make compare): Mean Teacher without re-weighting
+    (["variant=mean_teacher"], lambda m: isinstance(m, MeanTeacher) and isinstance(m.reweight, Uniform)),
 ])
 def test_variant_options_compose(hydra_conf, overrides, check):
     method = build(overrides)
