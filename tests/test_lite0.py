@@ -14,6 +14,7 @@ from matplotlib import cbook
 from PIL import Image
 from timm.models._efficientnet_blocks import InvertedResidual
 
+from gta.config import IMAGENET_MEAN, IMAGENET_STD
 from gta.models import Segmenter, lite0
 
 #: ImageNet class 652, "military uniform": what matplotlib's sample photo of Grace Hopper shows
@@ -165,3 +166,33 @@ def test_the_mapped_classifier_recognises_a_photo_and_needs_tf_padding(file_stat
     assert (tf.argmax(1) == UNIFORM).sum() >= 4
     assert symmetric[:, UNIFORM].mean() < 0.1
 
+
+def batchnorm_shift(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """How far the per-channel means entering the BatchNorms lie from their running means, in running standard
+    deviations, averaged over channels and layers."""
+    shifts = []
+
+    def record(bn, inputs):
+        mean = inputs[0].mean((0, 2, 3))
+        shifts.append(((mean - bn.running_mean).abs() / (bn.running_var + bn.eps).sqrt()).mean().item())
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return float(np.mean(shifts))
+
+
+@pytest.mark.usefixtures("hydra_conf")
+def test_the_preset_normalises_as_the_weights_were_trained(file_state):
+    """With the preset's mean and std (which the dataset takes, tests/test_config.py), the BatchNorm inputs on
+    the photo sit closer to their running means than with ImageNet's (measured: 0.27 vs 0.40 standard
+    deviations)."""
+    from hydra import compose
+
+    cfg = compose("train", overrides=["model=deeplabv3plus_lite0"])
+    model = classifier(file_state)
+    preset = batchnorm_shift(model, torch.stack(photo_views(cfg.model.mean, cfg.model.std)[2:4]))
+    imagenet = batchnorm_shift(model, torch.stack(photo_views(IMAGENET_MEAN, IMAGENET_STD)[2:4]))
+    assert preset < imagenet - 0.05, (preset, imagenet)

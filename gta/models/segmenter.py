@@ -27,6 +27,8 @@ class Segmenter(nn.Module):
 
     ``encoder_weights``: null (random), a tag smp or timm downloads (``imagenet``), or ``package`` (ImageNet
     weights from an installed package, see ``PACKAGED_WEIGHTS``); ``weights_path``: a local file.
+    ``mean`` / ``std`` record the input normalisation the weights were trained with (the dataset's
+    default).
     """
 
     def __init__(
@@ -39,6 +41,8 @@ class Segmenter(nn.Module):
         output_stride: int = 16,
         decoder_channels: int = 256,
         mask_predictor: Sequence[str] = ("segmentation_head",),
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
     ) -> None:
         super().__init__()
         if encoder_weights == "package":
@@ -62,6 +66,7 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         self.arch = arch
         self.encoder_name = encoder_name
+        self.mean, self.std = tuple(mean), tuple(std)
         if weights_path is not None:
             self._load_encoder_weights(Path(weights_path))
         # The encoder downsamples by 32 at most; the decoder fuses a 1/4 feature map with upsampled
