@@ -196,3 +196,43 @@ def test_the_preset_normalises_as_the_weights_were_trained(file_state):
     preset = batchnorm_shift(model, torch.stack(photo_views(cfg.model.mean, cfg.model.std)[2:4]))
     imagenet = batchnorm_shift(model, torch.stack(photo_views(IMAGENET_MEAN, IMAGENET_STD)[2:4]))
     assert preset < imagenet - 0.05, (preset, imagenet)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("hydra_conf")
+def test_a_lite0_run_evaluates_predicts_and_exports(tmp_path):
+    """Train a few iterations with the preset on tiny synthetic data, then use the run as a user would.
+    The exported TorchScript applies the preset's normalisation and gives the network's logits at sizes other
+    than the traced one (timm's TF "same" padding included)."""
+    from hydra import compose
+
+    from gta.eval import run as evaluate
+    from gta.export import run as export
+    from gta.predict import run as predict
+    from gta.train import run as train
+
+    run_dir = tmp_path / "run"
+    last = train(compose("train", overrides=[
+        f"dataset.root={tmp_path / 'data'}", "dataset.num_labeled_pool=8", "dataset.num_unlabeled=8",
+        "dataset.num_val=4", "dataset.image_size=32", "dataset.crop_size=32", "split=4", "model=deeplabv3plus_lite0",
+        "method=suponly", "data.batch_size=2", "data.num_workers=0", "trainer.iters=2", "logger=none", "device=cpu",
+    ]), run_dir=run_dir)  # fmt: skip
+    checkpoint = f"checkpoint={run_dir / 'student.pt'}"
+    assert evaluate(compose("eval", overrides=[checkpoint])) == pytest.approx(last, abs=1e-9)
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, size in (("a.png", (37, 53)), ("b.jpg", (64, 48))):
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)).save(photos / name)
+    overrides = [checkpoint, f"input={photos}", f"output={tmp_path / 'masks'}", "device=cpu"]
+    assert predict(compose("predict", overrides=overrides)) == 2
+
+    export(compose("export", overrides=[checkpoint, f"output={tmp_path / 'model.pt'}"]))
+    exported = torch.jit.load(str(tmp_path / "model.pt"))
+    model = Segmenter(6, encoder_name="tu-tf_efficientnet_lite0", decoder_channels=64)
+    model.load_state_dict(torch.load(run_dir / "student.pt", weights_only=True))
+    model.eval()
+    for shape in [(1, 3, 64, 64), (2, 3, 37, 53), (1, 3, 100, 75)]:
+        rgb = torch.rand(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(rgb), model((rgb - 0.5) / 0.5))
