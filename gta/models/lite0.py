@@ -52,7 +52,7 @@ def timm_names(state: Mapping[str, torch.Tensor], depths: Sequence[int]) -> dict
     if in_file != in_network:
         raise ValueError(
             f"the network has {len(positions)} blocks in stages of {list(depths)}; blocks missing from the "
-            f"file: {sorted(in_network - in_file)}, blocks beyond them in the file: {sorted(in_file - in_network)}"
+            f"file: {sorted(in_network - in_file)}, blocks of the file the network lacks: {sorted(in_file - in_network)}"
         )
     renamed = {}
     for key, tensor in state.items():
