@@ -31,8 +31,9 @@ class DatasetConfig:
     ignore_index: int = 255
     class_names: list[str] | None = None
     palette: list[list[int]] | None = None
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    #: input normalisation; the network's pretrained weights set it (model.mean / model.std)
+    mean: list[float] = "${model.mean}"  # type: ignore[assignment]
+    std: list[float] = "${model.std}"  # type: ignore[assignment]
     crop_size: int = 513
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
@@ -92,12 +93,17 @@ class ModelConfig:
     num_classes: int = "${dataset.num_classes}"  # type: ignore[assignment]
     arch: str = "DeepLabV3Plus"
     encoder_name: str = "resnet101"
+    #: null (random), a tag smp/timm downloads ("imagenet"), or "package": from an installed package, offline
     encoder_weights: str | None = None
+    #: a local file of encoder weights (timm/torchvision names, or lukemelas-style EfficientNet names)
     weights_path: str | None = None
     output_stride: int = 16
     decoder_channels: int = 256
     #: module-name prefixes that form the mask predictor g; every other parameter is the feature extractor f
     mask_predictor: list[str] = field(default_factory=lambda: ["segmentation_head"])
+    #: the input normalisation the encoder's weights were trained with (the dataset's by default)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
 
 # --- method ----------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ import pytest
 from hydra import compose
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from gta.cli import CONF_DIR
+from gta.config import IMAGENET_MEAN, IMAGENET_STD
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 
@@ -28,7 +30,9 @@ pytestmark = pytest.mark.usefixtures("hydra_conf")
 
 def required(group: str, option: str) -> list[str]:
     if group == "model":
-        return ["model.encoder_weights=null"]  # no pretrained weights can be fetched in tests
+        # no pretrained weights can be fetched in tests; an installed package's can be read
+        weights = OmegaConf.load(Path(CONF_DIR) / "model" / f"{option}.yaml").get("encoder_weights")
+        return [] if weights in (None, "package") else ["model.encoder_weights=null"]
     if (group, option) == ("dataset", "folder"):
         return ["dataset.num_classes=4"]  # the one value a folder dataset cannot default
     return []
@@ -60,6 +64,18 @@ def test_the_overrides_scripts_rely_on_exist():
     assert (cfg.split, cfg.ema.alpha, cfg.seed, cfg.trainer.iters, cfg.device) == ("all", 0.999, 3, 7, "cpu")
     assert cfg.logger._target_ == "gta.tracking.NullLogger"
     assert compose("train", overrides=["logger.tracking_uri=http://127.0.0.1:1"]).logger.tracking_uri
+
+
+def test_the_normalisation_is_the_models_unless_the_dataset_sets_its_own():
+    """It belongs to the pretrained weights: the model config says it, the dataset (which the transforms,
+    eval, predict, export and the pictures read) takes it from there."""
+    cfg = compose("train")
+    assert cfg.dataset.mean == cfg.model.mean == IMAGENET_MEAN and cfg.dataset.std == cfg.model.std == IMAGENET_STD
+    cfg = compose("train", overrides=["model=deeplabv3plus_lite0"])
+    assert cfg.dataset.mean == cfg.dataset.std == [0.5] * 3
+    assert instantiate(cfg.dataset).mean == (0.5,) * 3
+    cfg = compose("train", overrides=["model=deeplabv3plus_lite0", "dataset.mean=[0.4,0.4,0.4]"])
+    assert (cfg.dataset.mean, cfg.dataset.std, cfg.model.mean) == ([0.4] * 3, [0.5] * 3, [0.5] * 3)
 
 
 @pytest.mark.parametrize(("override", "culprit"), [

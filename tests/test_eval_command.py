@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose
 from layouts import TINY, write_folder
+from omegaconf import OmegaConf
 
 from gta.config import PROJECT_ROOT
 from gta.eval import run as evaluate
@@ -53,6 +54,15 @@ def test_eval_takes_a_training_state_checkpoint(trained, tmp_path):
     assert evaluate(compose("eval", overrides=[checkpoint, "model_name=student"])) == pytest.approx(last)
     with pytest.raises(KeyError, match=r"holds the models \['student'\], not 'teacher'"):
         evaluate(compose("eval", overrides=[checkpoint]))
+
+
+def test_eval_reads_run_configs_from_before_the_model_owned_the_normalisation(trained, tmp_path):
+    _, run_dir, last = trained
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    del cfg.model["mean"], cfg.model["std"]  # older runs: only dataset.mean / dataset.std
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    overrides = [f"checkpoint={run_dir / 'student.pt'}", f"config={tmp_path / 'config.yaml'}"]
+    assert evaluate(compose("eval", overrides=overrides)) == pytest.approx(last, abs=1e-9)
 
 
 def test_eval_errors_name_what_is_missing(trained, tmp_path):

