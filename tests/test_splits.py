@@ -146,9 +146,10 @@ def test_list_ids_missing_from_the_dataset_are_counted_and_named(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_with_split_92_trains_on_the_papers_92_and_logs_which(voc_92, tmp_path, hydra_conf):
-    overrides = ["dataset=pascal_voc", "data.splits=paper", "split=92", f"dataset.root={voc_92}", *TINY,
+    overrides = ["dataset=pascal_voc", "split=92", f"dataset.root={voc_92}", *TINY,
                  "logger._target_=recording.Recording"]  # fmt: skip
     cfg = compose("train", overrides=overrides)
+    assert cfg.data.splits == "paper"  # the dataset's recipe
     train(cfg, run_dir=tmp_path)
     written = tmp_path / "split" / "labeled.txt"
     assert written.read_text().split() == voc_ids(PAPER_92)
