@@ -96,6 +96,8 @@ def test_a_size_without_a_list_names_the_lists_there_are(tmp_path):
         select_split(SyntheticShapes(absent), 20, family="paper")
     with pytest.raises(ValueError, match=r"data.splits='u2pl' .*paper, cps, random"):
         select_split(PascalVOC(absent), 183, family="u2pl")
+    with pytest.raises(ValueError, match=r"got 'u2pl_1_16' .*needs data.splits=paper or cps"):
+        select_split(PascalVOCAug(absent), "u2pl_1_16", family="random")
 
 
 def test_list_names_as_hydra_reads_them(hydra_conf):

@@ -55,7 +55,10 @@ def _parse_split(split: int | str) -> int | None:
             return int(text)
     elif isinstance(split, (int, np.integer)) and not isinstance(split, bool):
         return int(split)
-    raise ValueError(f"split must be a number of labeled images or 'all', got {split!r}")
+    raise ValueError(
+        f"split must be a number of labeled images or 'all', got {split!r} (the name of a published list needs "
+        "data.splits=paper or cps)"
+    )
 
 
 def _unique_ids(pools: dict[str, list[Sample]], root: Path) -> None:
