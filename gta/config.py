@@ -262,8 +262,11 @@ class DataConfig:
     prefetch_factor: int | None = None
     #: validation images per forward (at most: images of different sizes are never batched together)
     val_batch_size: int = 1
+    #: which labeled lists split=NAME names: "paper" (the lists the paper trains on), "cps" (those of
+    #: CPS / UniMatch), both shipped in gta/data/splits/; "random": split=N draws N with split_seed
+    splits: str = "random"
     split_seed: int = 0
-    #: a directory with labeled.txt / unlabeled.txt that fixes the split exactly
+    #: a directory with labeled.txt / unlabeled.txt that fixes the split exactly (data.splits is then unused)
     split_dir: str | None = None
 
 

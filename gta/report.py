@@ -7,7 +7,9 @@ of the experiment file) and averaged over seeds; the experiment file's ``report`
 rows and columns and holds the paper's numbers. Without row / column tags, the keys that differ between
 the runs' overrides (seed aside) become the rows and columns.
 
-The table is printed, written as Markdown and CSV, drawn as a PNG and logged to the parent run.
+The table says which labeled images its cells trained on (the runs' ``split/*`` params: family, list, size,
+SHA-1 of labeled.txt), since results on different published lists are not comparable. It is printed,
+written as Markdown and CSV, drawn as a PNG and logged to the parent run.
 """
 
 from __future__ import annotations
@@ -62,14 +64,20 @@ class Layout:
         )
 
 
+#: the run params that say which labeled images a run trained on (gta.data.split_params)
+SPLIT_PARAMS = ("split/family", "split/list", "split/size", "split/labeled_sha1")
+NO_SPLIT = ("", "", "", "")
+
+
 @dataclass(frozen=True)
 class Result:
-    """One run's number for one cell, in percent."""
+    """One run's number for one cell, in percent, and its labeled list (the values of SPLIT_PARAMS)."""
 
     row: str
     column: str
     seed: str
     value: float
+    split: tuple[str, ...] = NO_SPLIT
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class Cell:
     std: float
     n: int
     paper: float | None
+    #: the labeled lists of the cell's runs (values of SPLIT_PARAMS); one unless the runs differ
+    splits: tuple[tuple[str, ...], ...] = ()
 
 
 # --- from runs to results ----------------------------------------------------------------------------------
@@ -117,12 +127,14 @@ def results(runs: list[Any], layout: Layout) -> tuple[list[Result], list[str]]:
             " ".join(f"{k}={overrides.get(k)}" for k in axes[1:]) if len(axes) > 1 else NO_COLUMN
         )
         seed = tags.get("seed", "?")
+        params = getattr(run.data, "params", {})
+        split = tuple(params.get(key, "") for key in SPLIT_PARAMS)
         metrics = layout.metrics or {row: layout.metric}
         for label, key in metrics.items():
             if key not in run.data.metrics:
                 notes.append(f"run {run.info.run_id} has no metric {key}: left out of row {label}")
                 continue
-            placed[(label, column, seed)] = Result(label, column, seed, 100.0 * run.data.metrics[key])
+            placed[(label, column, seed)] = Result(label, column, seed, 100.0 * run.data.metrics[key], split)
     return list(placed.values()), notes
 
 
@@ -137,24 +149,35 @@ def ordered(found: Iterable[str], declared: Mapping[str, str]) -> list[str]:
 def cells(results: list[Result], layout: Layout) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
     """Mean and sample standard deviation over seeds for every (row, column) with results."""
     groups: dict[tuple[str, str], list[float]] = {}
+    splits: dict[tuple[str, str], set[tuple[str, ...]]] = {}
     for r in results:
         groups.setdefault((r.row, r.column), []).append(r.value)
+        splits.setdefault((r.row, r.column), set()).add(r.split)
     rows = ordered((r for r, _ in groups), layout.rows)
     columns = ordered((c for _, c in groups), layout.columns)
     table = {}
     for (row, column), values in groups.items():
         std = statistics.stdev(values) if len(values) > 1 else math.nan
         paper = layout.paper.get(row, {}).get(column)
-        table[(row, column)] = Cell(row, column, statistics.fmean(values), std, len(values), paper)
+        table[(row, column)] = Cell(row, column, statistics.fmean(values), std, len(values), paper,
+                                    tuple(sorted(splits[(row, column)])))
     return rows, columns, table
 
 
 # --- rendering ---------------------------------------------------------------------------------------------
+MIXED = "†"
+
+
 def format_cell(cell: Cell | None) -> str:
     if cell is None:
         return ""
     spread = "" if math.isnan(cell.std) else f" ± {cell.std:.2f}"
-    return f"{cell.mean:.2f}{spread} (n={cell.n})"
+    return f"{cell.mean:.2f}{spread} (n={cell.n})" + (f" {MIXED}" if len(cell.splits) > 1 else "")
+
+
+def format_split(split: tuple[str, ...]) -> str:
+    family, name, size, sha1 = split
+    return f"{family} {name} ({size} images, `{sha1[:8]}`)" if family else "not logged"
 
 
 def markdown(layout: Layout, rows: list[str], columns: list[str], table: dict[tuple[str, str], Cell]) -> str:
@@ -178,6 +201,12 @@ def markdown(layout: Layout, rows: list[str], columns: list[str], table: dict[tu
                 paper = layout.paper.get(row, {}).get(column)
                 values.append("" if paper is None else f"{paper:.2f}")
         lines.append("| " + " | ".join(values) + " |")
+    cells = [table[(r, c)] for c in columns for r in rows if (r, c) in table]
+    lists = dict.fromkeys(split for cell in cells for split in cell.splits)
+    lines += ["", "Labeled images (data.splits family and list, SHA-1 of the runs' split/labeled.txt): "
+              + ", ".join(map(format_split, lists)) + "."]
+    if any(len(cell.splits) > 1 for cell in cells):
+        lines.append(f"{MIXED} the runs of this cell trained on different labeled lists.")
     return "\n".join(lines) + "\n"
 
 
@@ -185,15 +214,18 @@ def write_csv(path: Path, layout: Layout, rows: list[str], columns: list[str],
               table: dict[tuple[str, str], Cell]) -> Path:
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["row", "row_label", "column", "column_label", "mean", "std", "n", "paper"])
+        out.writerow(["row", "row_label", "column", "column_label", "mean", "std", "n", "paper",
+                      "split_family", "split_list", "split_size", "labeled_sha1"])
         for row in rows:
             for column in columns:
                 cell = table.get((row, column))
                 if cell is None:
                     continue
+                # several values joined by ";" where the cell's runs differ
+                split = [";".join(dict.fromkeys(part)) for part in zip(*cell.splits, strict=True)]
                 out.writerow([row, layout.rows.get(row, row), column, layout.columns.get(column, column),
                               f"{cell.mean:.4f}", "" if math.isnan(cell.std) else f"{cell.std:.4f}", cell.n,
-                              "" if cell.paper is None else cell.paper])
+                              "" if cell.paper is None else cell.paper, *split])
     return path
 
 

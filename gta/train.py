@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gta.data import build_loaders, select_split, write_split
+from gta.data import build_loaders, select_split, split_params, write_split
 from gta.data.sampler import derive_seed
 from gta.engine import distributed
 from gta.engine.checkpoint import LAST, load_checkpoint
@@ -52,14 +52,6 @@ def finished_result(run_dir: Path, overrides: list[str]) -> float | None:
         print(f"{path} belongs to another grid point ({previous}): training anew")
         return None
     return float(record["value"])
-
-
-def parse_split(split) -> int | str:
-    if isinstance(split, int) or (isinstance(split, str) and split.isdigit()):
-        return int(split)
-    if split == "all":
-        return "all"
-    raise ValueError(f"split must be a number of labeled images or 'all', got '{split}'")
 
 
 def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
@@ -110,7 +102,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     seed_everything(cfg.seed if dist.is_main else derive_seed(cfg.seed, dist.rank))
 
     source = instantiate(cfg.dataset)
-    split = select_split(source, parse_split(cfg.split), cfg.data.split_seed, cfg.data.split_dir)
+    split = select_split(source, cfg.split, cfg.data.split_seed, cfg.data.split_dir, cfg.data.splits)
     method = instantiate(cfg.method, model=instantiate(cfg.model, _partial_=True))
     loaders = build_loaders(
         source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
@@ -133,7 +125,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         if dist.is_main:
             logger.set_tags(run_tags(cfg, overrides, experiment_file()))
             # report.* is where the run sits in a table: tags above, not hyper-parameters
-            logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}))
+            logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}) | split_params(split))
             resolved = run_dir / "config.yaml"
             resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
             logger.log_artifact(resolved)
@@ -177,8 +169,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
               "overrides": overrides, "run_id": logger.run_id}
     (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
-    print(f"\n{type(method).__name__} on {type(source).__name__}, {len(split.labeled)} labeled / "
-          f"{len(split.unlabeled)} unlabeled images, {trainer.total_iters} iterations on {device}")
+    print(f"\n{type(method).__name__} on {type(source).__name__}, {len(split.labeled)} labeled ({split.family} "
+          f"{split.name}) / {len(split.unlabeled)} unlabeled images, {trainer.total_iters} iterations on {device}")
     for model_name, value in result.miou.items():
         marker = "  <- reported" if model_name == method.reported else ""
         print(f"  val mIoU {model_name:<9} {value:7.2%}{marker}  (last, step {result.step})")

@@ -54,11 +54,14 @@ def class_blocks(height: int, width: int, classes: list[int], seed: int) -> np.n
     return np.array(order)[np.arange(width) * len(order) // width][None, :].repeat(height, 0)
 
 
-def write_voc(root: Path, train_aug_list: bool = True, size: tuple[int, int] = (40, 50)) -> Path:
-    """VOCdevkit/VOC2012 with SBD: fine palette masks with 255 object borders, grayscale aug masks."""
+def write_voc(
+    root: Path, train_aug_list: bool = True, size: tuple[int, int] = (40, 50), train: list[str] = VOC_TRAIN
+) -> Path:
+    """VOCdevkit/VOC2012 with SBD: fine palette masks with 255 object borders, grayscale aug masks;
+    ``train`` are the ids of the fine train images."""
     palette = voc_palette(256)
     h, w = size
-    every = VOC_TRAIN + VOC_VAL + VOC_SBD_ONLY
+    every = train + VOC_VAL + VOC_SBD_ONLY
     for n, sample_id in enumerate(every):
         save_image(root / "JPEGImages" / f"{sample_id}.jpg", h + n % 3, w, seed=n)
         labels = class_blocks(h + n % 3, w, [0, 1 + n % 20, 15], seed=n)
@@ -74,20 +77,23 @@ def write_voc(root: Path, train_aug_list: bool = True, size: tuple[int, int] = (
         save_mask(root / "SegmentationClassAug" / f"{sample_id}.png", np.zeros((h, w)))
     lists = root / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True, exist_ok=True)
-    (lists / "train.txt").write_text("".join(f"{i}\n" for i in VOC_TRAIN))
+    (lists / "train.txt").write_text("".join(f"{i}\n" for i in train))
     (lists / "val.txt").write_text("".join(f"{i}\n" for i in VOC_VAL))
     if train_aug_list:  # the common two-column form
-        aug = VOC_TRAIN + VOC_SBD_ONLY
+        aug = train + VOC_SBD_ONLY
         lines = [f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in aug]
         (lists / "train_aug.txt").write_text("".join(lines))
     return root
 
 
-def write_cityscapes(root: Path, label_ids: bool = True, train_ids: bool = False) -> dict[str, np.ndarray]:
-    """leftImg8bit + gtFine; returns the expected train-id mask of every sample."""
+def write_cityscapes(
+    root: Path, label_ids: bool = True, train_ids: bool = False, train: dict[str, list[str]] = CITYSCAPES_TRAIN
+) -> dict[str, np.ndarray]:
+    """leftImg8bit + gtFine, ``train`` the training images by city; returns the expected train-id mask of
+    every sample."""
     expected = {}
     raw_ids = list(CITYSCAPES_IDS)
-    for split, cities in (("train", CITYSCAPES_TRAIN), ("val", CITYSCAPES_VAL)):
+    for split, cities in (("train", train), ("val", CITYSCAPES_VAL)):
         for city, names in cities.items():
             for name in names:
                 n = len(expected)

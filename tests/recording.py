@@ -12,9 +12,13 @@ class Recording(NullLogger):
     runs: list[Recording] = []
 
     def __init__(self) -> None:
+        self.params: dict[str, str] = {}
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self.artifacts: list[tuple[Path, str | None]] = []
         Recording.runs.append(self)
+
+    def log_params(self, params) -> None:
+        self.params.update(params)
 
     def log_metrics(self, metrics, step: int) -> None:
         self.metrics.append((step, dict(metrics)))

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from types import SimpleNamespace
 
 import pytest
 
-from gta.report import Layout, cells, markdown, results, varying_keys
+from gta.report import Layout, cells, markdown, results, varying_keys, write_csv
 
 
-def run(row=None, column=None, seed=0, miou=0.5, status="FINISHED", start=0, overrides="", **metrics):
+def run(row=None, column=None, seed=0, miou=0.5, status="FINISHED", start=0, overrides="", params=None,
+        **metrics):
     tags = {"seed": str(seed), "overrides": overrides}
     tags |= {"row": row} if row is not None else {}
     tags |= {"column": column} if column is not None else {}
     return SimpleNamespace(
         info=SimpleNamespace(run_id=f"r{row}{column}{seed}{start}", status=status, start_time=start),
-        data=SimpleNamespace(tags=tags, metrics={"val/miou": miou, **metrics}),
+        data=SimpleNamespace(tags=tags, metrics={"val/miou": miou, **metrics}, params=params or {}),
     )
+
+
+def split(family, name, sha1):
+    return {"split/family": family, "split/list": name, "split/size": name, "split/labeled_sha1": sha1}
 
 
 LAYOUT = Layout(
@@ -65,3 +71,23 @@ def test_without_row_tags_the_varying_overrides_are_the_axes():
     assert rows == ["ema.alpha=0.9", "ema.alpha=0.99"]
     assert columns == ["method.warmup_epochs=0", "method.warmup_epochs=1"]
     assert all(cell.n == 2 for cell in table.values())
+
+
+def test_the_labeled_lists_of_the_runs_are_named(tmp_path):
+    """Which published list (family, name, hash) each cell trained on: in the Markdown and the CSV, with
+    cells whose runs differ marked."""
+    paper_92, paper_183 = split("paper", "92", "a" * 40), split("paper", "183", "b" * 40)
+    runs = [run("gta", "92", s, 0.7, params=paper_92) for s in (0, 1)]
+    runs += [run("gta", "183", 0, 0.7, params=paper_183), run("gta", "183", 1, 0.7, params=split("cps", "183", "c" * 40))]
+    rows, columns, table = cells(results(runs, LAYOUT)[0], LAYOUT)
+    assert table[("gta", "92")].splits == (("paper", "92", "92", "a" * 40),) and len(table[("gta", "183")].splits) == 2
+    text = markdown(LAYOUT, rows, columns, table)
+    assert "| GTA-Seg | 70.00 ± 0.00 (n=2) | 70.02 | 70.00 ± 0.00 (n=2) † | 73.16 |" in text
+    assert "paper 92 (92 images, `aaaaaaaa`), cps 183 (183 images, `cccccccc`), paper 183 (183 images" in text
+    assert "† the runs of this cell trained on different labeled lists" in text
+    with write_csv(tmp_path / "table.csv", LAYOUT, rows, columns, table).open() as f:
+        records = {r["column"]: r for r in csv.DictReader(f)}
+    assert (records["92"]["split_family"], records["92"]["split_list"], records["92"]["split_size"]) == (
+        "paper", "92", "92")
+    assert records["92"]["labeled_sha1"] == "a" * 40
+    assert (records["183"]["split_family"], records["183"]["labeled_sha1"]) == ("cps;paper", f"{'c' * 40};{'b' * 40}")

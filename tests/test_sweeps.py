@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -126,6 +127,7 @@ def test_local_grid_nests_every_run_under_one_parent(grid):
         assert tags["git_commit"] == top.data.tags["git_commit"]
         assert tags["mlflow.source.git.commit"] == tags["git_commit"].removesuffix("-dirty")
         assert f"ema.alpha={r.data.params['ema.alpha']}" in tags["overrides"].split()
+        assert (r.data.params["split/family"], r.data.params["split/size"]) == ("random", "4")
     # every job ran in its own process, as submitit_local does
     assert len(list((sweep / ".submitit").iterdir())) >= 4
 
@@ -147,6 +149,11 @@ def test_report_of_the_grid(grid, tmp_path):
         records = list(csv.DictReader(f))
     assert [(r["row"], r["column"], r["n"]) for r in records] == [
         (row, column, "1") for row in ROWS for column in COLUMNS]
+    # one random draw of 4 (data.split_seed), named by the SHA-1 of the labeled.txt every job wrote
+    sha1 = hashlib.sha1((sweep / "0" / "split" / "labeled.txt").read_bytes()).hexdigest()
+    assert {(r["split_family"], r["split_list"], r["split_size"], r["labeled_sha1"]) for r in records} == {
+        ("random", "4", "4", sha1)}
+    assert f"random 4 (4 images, `{sha1[:8]}`)" in out
     parent = SweepParent.read(sweep)
     client = MlflowClient(store)
     logged = {a.path for a in client.list_artifacts(parent.run_id, "report")}

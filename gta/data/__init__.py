@@ -1,6 +1,17 @@
 """Datasets, augmentation, sampling and loaders."""
 
-from .build import Loaders, SplitData, build_loaders, build_val_loader, select_split, write_split
+from .build import (
+    FAMILIES,
+    LISTS_DIR,
+    Loaders,
+    SplitData,
+    build_loaders,
+    build_val_loader,
+    published_list,
+    select_split,
+    split_params,
+    write_split,
+)
 from .cityscapes import CITYSCAPES_CLASSES, Cityscapes
 from .folder import SegmentationFolder
 from .sampler import EpochSampler, derive_seed
@@ -19,6 +30,8 @@ from .voc import VOC_CLASSES, PascalVOC, PascalVOCAug
 
 __all__ = [
     "CITYSCAPES_CLASSES",
+    "FAMILIES",
+    "LISTS_DIR",
     "Cityscapes",
     "EpochSampler",
     "Loaders",
@@ -38,9 +51,11 @@ __all__ = [
     "derive_seed",
     "eval_transform",
     "fixed_labels",
+    "published_list",
     "read_list",
     "render_scene",
     "select_split",
+    "split_params",
     "train_transform",
     "voc_palette",
     "write_split",

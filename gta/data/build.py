@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import signal
@@ -20,9 +21,17 @@ from .sampler import EpochSampler, derive_seed
 from .source import Sample, SegmentationFiles, SegmentationSource, read_list
 from .transforms import eval_transform, train_transform
 
-__all__ = ["Loaders", "SplitData", "build_loaders", "build_val_loader", "select_split", "write_split"]
+__all__ = [
+    "FAMILIES", "LISTS_DIR", "Loaders", "SplitData", "build_loaders", "build_val_loader", "published_list",
+    "select_split", "split_params", "write_split",
+]
 
 _LABELED_STREAM, _UNLABELED_STREAM = 0, 1
+
+#: the published labeled lists shipped with the package: ``<family>/<dataset>/<name>.txt`` (README.md there)
+LISTS_DIR = Path(__file__).resolve().parent / "splits"
+#: what ``split`` names (``data.splits``): a list of the paper's, one of CPS / UniMatch's, or a random draw
+FAMILIES = ("paper", "cps", "random")
 
 
 @dataclass
@@ -30,6 +39,10 @@ class SplitData:
     labeled: list[Sample]
     unlabeled: list[Sample]
     val: list[Sample]
+    #: how the labeled images were chosen: "paper" or "cps" (a published list), "random", or "split_dir"
+    family: str = "random"
+    #: the list's name in its family ("183", "1_16"), the split_dir, or the number drawn; "all": the pool
+    name: str = "all"
 
 
 def _parse_split(split: int | str) -> int | None:
@@ -42,7 +55,10 @@ def _parse_split(split: int | str) -> int | None:
             return int(text)
     elif isinstance(split, (int, np.integer)) and not isinstance(split, bool):
         return int(split)
-    raise ValueError(f"split must be a number of labeled images or 'all', got {split!r}")
+    raise ValueError(
+        f"split must be a number of labeled images or 'all', got {split!r} (the name of a published list needs "
+        "data.splits=paper or cps)"
+    )
 
 
 def _unique_ids(pools: dict[str, list[Sample]], root: Path) -> None:
@@ -62,6 +78,64 @@ def _lookup(samples: list[Sample], root: Path) -> dict[str, Sample]:
         except ValueError:
             pass  # image outside root: reachable by id only
     return table
+
+
+def _is_all(split: int | str) -> bool:
+    return isinstance(split, str) and split.strip().lower() == "all"
+
+
+def _as_int(name: str) -> int | None:
+    try:
+        return int(name)
+    except ValueError:
+        return None
+
+
+def published_list(source: SegmentationSource, family: str, split: int | str) -> Path:
+    """The file of the ``family`` list named ``split`` for this dataset, or a ValueError listing those
+    there are."""
+    dataset = source.published_lists
+    if dataset is None:
+        raise ValueError(
+            f"data.splits={family}: {type(source).__name__} has no published split lists; data.splits=random "
+            "draws split=N labeled images (with data.split_seed), data.split_dir=DIR reads your own "
+            "labeled.txt and unlabeled.txt"
+        )
+    folder = LISTS_DIR / family / dataset
+    # numbers in order (92, 183, ...), then names (1_16, u2pl_1_16, ...)
+    names = sorted((p.stem for p in folder.glob("*.txt")), key=lambda n: (not n.isdigit(), len(n), n))
+    name = str(split).strip()
+    if name not in names and isinstance(split, int):
+        # Hydra reads split=1_16 as the number 116 (digit grouping, as Python does): the list named so
+        name = next((n for n in names if _as_int(n) == split), name)
+    if name not in names:
+        raise ValueError(
+            f"split={split}: there is no {family} list for dataset={dataset}; its {family} lists are "
+            f"{', '.join(names)} (split=all labels the whole pool; data.splits=random draws any number)"
+        )
+    return folder / f"{name}.txt"
+
+
+def _split_from_list(
+    source: SegmentationSource, pools: dict[str, list[Sample]], path: Path, family: str
+) -> SplitData:
+    """The labeled images a published list names; the rest of the labeled pool (and any unlabeled-only
+    images) is unlabeled, as the published unlabeled lists are."""
+    entries = read_list(path)
+    table = _lookup(pools["labeled"], source.root)
+    missing = [e for e in entries if e.removeprefix("./").lstrip("/") not in table]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(entries)} labeled images of the {family} list {path.stem} ({path}) are "
+            f"not in the labeled pool of the dataset at {source.root}, e.g. {', '.join(missing[:5])}: is "
+            "dataset.root the whole dataset, in the layout of docs/datasets.md?"
+        )
+    labeled = [table[e.removeprefix("./").lstrip("/")] for e in entries]
+    chosen = {s.id for s in labeled}
+    pool = sorted(pools["labeled"], key=lambda s: s.id)
+    extra = sorted(pools.get("unlabeled", []), key=lambda s: s.id)
+    unlabeled = [s for s in pool if s.id not in chosen] + extra
+    return SplitData(labeled, unlabeled, list(pools["val"]), family, path.stem)
 
 
 def _split_from_dir(source: SegmentationSource, pools: dict[str, list[Sample]], split_dir: Path) -> SplitData:
@@ -85,19 +159,30 @@ def _split_from_dir(source: SegmentationSource, pools: dict[str, list[Sample]], 
         raise ValueError(
             f"{len(overlap)} samples are both labeled and unlabeled in {split_dir}: {sorted(overlap)[:5]}"
         )
-    return SplitData(chosen["labeled"], chosen["unlabeled"], list(pools["val"]))
+    return SplitData(chosen["labeled"], chosen["unlabeled"], list(pools["val"]), "split_dir", str(split_dir))
 
 
 def select_split(
-    source: SegmentationSource, split: int | str, split_seed: int = 0, split_dir: str | Path | None = None
+    source: SegmentationSource,
+    split: int | str,
+    split_seed: int = 0,
+    split_dir: str | Path | None = None,
+    family: str = "random",
 ) -> SplitData:
     """Choose the labeled subset and the unlabeled set.
 
-    ``split`` is a number N of labeled images drawn (with ``split_seed``) from the labeled pool, the rest of
-    which joins the unlabeled set, or "all". With ``split_dir`` (containing ``labeled.txt`` and
-    ``unlabeled.txt``) those lists are used exactly; ``split`` must then be "all" or match their length.
+    ``family`` says what ``split`` names. "random": a number N of labeled images drawn (with
+    ``split_seed``) from the labeled pool, the rest of which joins the unlabeled set. "paper" or "cps": the
+    published list of that name for this dataset (:func:`published_list`), the rest of the pool
+    unlabeled. "all" labels the whole pool in every family. With ``split_dir`` (containing ``labeled.txt``
+    and ``unlabeled.txt``) those lists are used exactly; ``split`` must then be "all" or match their length.
     """
-    count = _parse_split(split)
+    if family not in FAMILIES:
+        raise ValueError(f"data.splits={family!r} is not a family of splits; choose one of {', '.join(FAMILIES)}")
+    listed = split_dir is None and family != "random" and not _is_all(split)
+    # A bad split fails before the dataset is read.
+    count = None if listed else _parse_split(split)
+    path = published_list(source, family, split) if listed else None
     pools = source.pools()
     _unique_ids(pools, source.root)
     if split_dir is not None:
@@ -107,6 +192,8 @@ def select_split(
                 f"split={split} but {Path(split_dir) / 'labeled.txt'} lists {len(result.labeled)} labeled "
                 "samples; set split to that number or 'all'"
             )
+    elif path is not None:
+        result = _split_from_list(source, pools, path, family)
     else:
         # Sort first: the draw must not depend on the order the file system listed the files in.
         pool = sorted(pools["labeled"], key=lambda s: s.id)
@@ -121,7 +208,8 @@ def select_split(
         picked = set(random.Random(split_seed).sample(range(len(pool)), count))
         labeled = [s for i, s in enumerate(pool) if i in picked]
         unlabeled = [s for i, s in enumerate(pool) if i not in picked] + extra
-        result = SplitData(labeled, unlabeled, list(pools["val"]))
+        name = "all" if _is_all(split) else str(count)
+        result = SplitData(labeled, unlabeled, list(pools["val"]), family, name)
     missing_masks = [s.id for s in result.labeled if s.mask is None]
     if missing_masks:
         raise ValueError(f"Labeled samples without a mask in {source.root}: {missing_masks[:5]}")
@@ -141,6 +229,10 @@ def _check_files_exist(split: SplitData) -> None:
         )
 
 
+def _listing(samples: list[Sample]) -> str:
+    return "".join(f"{s.id}\n" for s in samples)
+
+
 def write_split(split: SplitData, directory: str | Path) -> list[Path]:
     """Write ``labeled.txt``, ``unlabeled.txt`` and ``val.txt`` (one id per line); the first two can be
     fed back as ``split_dir``."""
@@ -149,9 +241,20 @@ def write_split(split: SplitData, directory: str | Path) -> list[Path]:
     paths = []
     for name in ("labeled", "unlabeled", "val"):
         path = directory / f"{name}.txt"
-        path.write_text("".join(f"{s.id}\n" for s in getattr(split, name)))
+        path.write_text(_listing(getattr(split, name)))
         paths.append(path)
     return paths
+
+
+def split_params(split: SplitData) -> dict[str, str]:
+    """What identifies a run's labeled set, as run params: the family and name of its list, its size, and
+    the SHA-1 of the ``labeled.txt`` the run writes (``sha1sum <run dir>/split/labeled.txt``)."""
+    return {
+        "split/family": split.family,
+        "split/list": split.name,
+        "split/size": str(len(split.labeled)),
+        "split/labeled_sha1": hashlib.sha1(_listing(split.labeled).encode()).hexdigest(),
+    }
 
 
 @dataclass

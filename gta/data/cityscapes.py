@@ -47,6 +47,8 @@ class Cityscapes(SegmentationSource):
     """``label_files``: "labelTrainIds" reads prepared train-id masks, "labelIds" maps the raw label ids,
     "auto" reads train-id masks when every image has one."""
 
+    published_lists = "cityscapes"
+
     def __init__(self, root: str | Path, label_files: str = "auto", **kwargs) -> None:
         if label_files not in LABEL_FILES:
             raise ValueError(f"dataset.label_files must be one of {LABEL_FILES}, got '{label_files}'")

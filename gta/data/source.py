@@ -96,6 +96,8 @@ class SegmentationSource:
     """
 
     label_lut: np.ndarray | None = None  # optional 256-entry uint8 lookup applied to raw mask values on load
+    #: the folder of this dataset's published labeled lists in each family (gta/data/splits/<family>/)
+    published_lists: str | None = None
 
     def __init__(
         self,

@@ -33,6 +33,8 @@ class PascalVOC(SegmentationSource):
     """Original protocol: labeled subsets of the 1464 fine train images; the rest of the 10582-image
     augmented set is unlabeled; the 1449 val images are the validation set."""
 
+    published_lists = "pascal_voc"
+
     def __init__(self, root: str | Path, **kwargs) -> None:
         kwargs = fixed_labels(
             type(self).__name__, kwargs, num_classes=len(VOC_CLASSES), class_names=list(VOC_CLASSES),
@@ -79,6 +81,8 @@ class PascalVOC(SegmentationSource):
 class PascalVOCAug(PascalVOC):
     """Augmented protocol: labeled subsets of all 10582 augmented training images (their
     ``SegmentationClassAug`` masks); validation as in the original protocol."""
+
+    published_lists = "pascal_voc_aug"
 
     def pools(self) -> dict[str, list[Sample]]:
         self.check_root(LAYOUT, IMAGES, AUG, LISTS)
