@@ -18,6 +18,7 @@ from gta.engine.runtime import configure_cuda, ensure_writable, seed_everything
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import Trainer
+from gta.errors import ConfigError, MissingPathError
 from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import parent_for_job, run_tags, sweep_dir_of_job, uses_mlflow
 
@@ -59,7 +60,7 @@ def parse_split(split) -> int | str:
         return int(split)
     if split == "all":
         return "all"
-    raise ValueError(f"split must be a number of labeled images or 'all', got '{split}'")
+    raise ConfigError(f"split must be a number of labeled images or 'all', got '{split}'")
 
 
 def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
@@ -72,7 +73,7 @@ def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
         return last if last.is_file() else None
     path = Path(resume).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"resume={resume}: no checkpoint file there. Give a checkpoint (e.g. <run dir>/checkpoints/"
             "last.pt), null to continue from the run directory's own, or never to start afresh"
         )

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
 
 from gta.engine.signals import STOP_SIGNALS
+from gta.errors import ConfigError, DataError
 
 from .sampler import EpochSampler, derive_seed
 from .source import Sample, SegmentationFiles, SegmentationSource, read_list
@@ -42,14 +43,14 @@ def _parse_split(split: int | str) -> int | None:
             return int(text)
     elif isinstance(split, (int, np.integer)) and not isinstance(split, bool):
         return int(split)
-    raise ValueError(f"split must be a number of labeled images or 'all', got {split!r}")
+    raise ConfigError(f"split must be a number of labeled images or 'all', got {split!r}")
 
 
 def _unique_ids(pools: dict[str, list[Sample]], root: Path) -> None:
     counts = Counter(s.id for pool in pools.values() for s in pool)
     duplicates = [i for i, n in counts.items() if n > 1]
     if duplicates:
-        raise ValueError(f"Dataset at {root} has duplicate sample ids: {sorted(duplicates)[:5]}")
+        raise DataError(f"Dataset at {root} has duplicate sample ids: {sorted(duplicates)[:5]}")
 
 
 def _lookup(samples: list[Sample], root: Path) -> dict[str, Sample]:
@@ -75,14 +76,14 @@ def _split_from_dir(source: SegmentationSource, pools: dict[str, list[Sample]], 
             key = entry.removeprefix("./").lstrip("/")
             if key not in table:
                 where = " (it is a validation sample)" if key in val_table else ""
-                raise ValueError(
+                raise DataError(
                     f"Entry {entry!r} in {path} matches no sample id or image path of the dataset at "
                     f"{source.root}{where}"
                 )
             chosen[name].append(table[key])
     overlap = {s.id for s in chosen["labeled"]} & {s.id for s in chosen["unlabeled"]}
     if overlap:
-        raise ValueError(
+        raise DataError(
             f"{len(overlap)} samples are both labeled and unlabeled in {split_dir}: {sorted(overlap)[:5]}"
         )
     return SplitData(chosen["labeled"], chosen["unlabeled"], list(pools["val"]))
@@ -103,7 +104,7 @@ def select_split(
     if split_dir is not None:
         result = _split_from_dir(source, pools, Path(split_dir))
         if count is not None and count != len(result.labeled):
-            raise ValueError(
+            raise ConfigError(
                 f"split={split} but {Path(split_dir) / 'labeled.txt'} lists {len(result.labeled)} labeled "
                 "samples; set split to that number or 'all'"
             )
@@ -114,7 +115,7 @@ def select_split(
         if count is None:
             count = len(pool)
         if not 0 < count <= len(pool):
-            raise ValueError(
+            raise ConfigError(
                 f"split={count} is not possible: the labeled pool of the dataset at {source.root} has "
                 f"{len(pool)} samples (choose 1..{len(pool)} or 'all')"
             )
@@ -124,7 +125,7 @@ def select_split(
         result = SplitData(labeled, unlabeled, list(pools["val"]))
     missing_masks = [s.id for s in result.labeled if s.mask is None]
     if missing_masks:
-        raise ValueError(f"Labeled samples without a mask in {source.root}: {missing_masks[:5]}")
+        raise DataError(f"Labeled samples without a mask in {source.root}: {missing_masks[:5]}")
     _check_files_exist(result)
     return result
 
@@ -229,9 +230,9 @@ def build_loaders(
     ``prefetch_factor`` batches ready (None: PyTorch's default, 2).
     """
     if not split.labeled:
-        raise ValueError("The split has no labeled samples")
+        raise DataError("The split has no labeled samples")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     _check_prefetch(prefetch_factor, num_workers)
     epoch_set = split.unlabeled or split.labeled
     iters_per_epoch = math.ceil(len(epoch_set) / (batch_size * world_size))
@@ -267,7 +268,7 @@ def build_loaders(
         )
 
     if need_unlabeled and not split.unlabeled:
-        raise ValueError(
+        raise ConfigError(
             f"The method needs unlabeled images but the split of {source.root} has none "
             f"({len(split.labeled)} labeled); use a smaller split or a dataset with an unlabeled pool"
         )
@@ -284,7 +285,7 @@ def _check_prefetch(prefetch_factor: int | None, num_workers: int) -> None:
     if prefetch_factor is None:
         return
     if num_workers == 0 or prefetch_factor < 1:
-        raise ValueError(
+        raise ConfigError(
             f"data.prefetch_factor={prefetch_factor} needs data.num_workers > 0 (worker processes prefetch; "
             f"data.num_workers={num_workers}) and a value >= 1; null keeps PyTorch's default"
         )

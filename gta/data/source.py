@@ -19,6 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from gta.errors import ConfigError, MissingPathError
+
 __all__ = [
     "Sample",
     "SegmentationFiles",
@@ -57,7 +59,7 @@ def read_list(path: Path) -> list[str]:
     """The entries of a list file: one per line, first column only (so two-column "image mask" lists
     work too), blank lines and repeats dropped."""
     if not path.is_file():
-        raise FileNotFoundError(f"List file {path} does not exist")
+        raise MissingPathError(f"List file {path} does not exist")
     entries = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     return list(dict.fromkeys(entries))
 
@@ -79,7 +81,7 @@ def fixed_labels(dataset: str, kwargs: dict[str, Any], **fixed: Any) -> dict[str
     for key, value in fixed.items():
         given = kwargs.get(key)
         if given is not None and _plain(given) != _plain(value):
-            raise ValueError(f"{dataset} has fixed {key}={value}; got {given}")
+            raise ConfigError(f"{dataset} has fixed {key}={value}; got {given}")
     return {**kwargs, **fixed}
 
 
@@ -113,27 +115,27 @@ class SegmentationSource:
         scale_pivot: float | None = None,
     ) -> None:
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"ignore_index={ignore_index} collides with a class index (0..{num_classes - 1})"
             )
         class_names = (
             list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
         )
         if len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}")
+            raise ConfigError(f"{len(class_names)} class_names given for num_classes={num_classes}")
         palette = [list(c) for c in palette] if palette is not None else voc_palette(num_classes)
         if len(palette) < num_classes or any(len(c) != 3 for c in palette):
-            raise ValueError(f"palette needs {num_classes} RGB triplets, got {palette}")
+            raise ConfigError(f"palette needs {num_classes} RGB triplets, got {palette}")
         if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
+            raise ConfigError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+            raise ConfigError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
         if scale_pivot is not None and not scale_range[0] <= scale_pivot <= scale_range[1]:
-            raise ValueError(f"scale_pivot={scale_pivot} lies outside scale_range {list(scale_range)}")
+            raise ConfigError(f"scale_pivot={scale_pivot} lies outside scale_range {list(scale_range)}")
         if pad_label is not None and not 0 <= pad_label < num_classes:
-            raise ValueError(f"pad_label={pad_label} is not a class index (0..{num_classes - 1})")
+            raise ConfigError(f"pad_label={pad_label} is not a class index (0..{num_classes - 1})")
 
         self.root = Path(root).expanduser()
         self.num_classes = num_classes
@@ -153,16 +155,16 @@ class SegmentationSource:
         raise NotImplementedError(f"{type(self).__name__} must implement pools()")
 
     def check_root(self, expected_layout: str, *required: str) -> Path:
-        """Return ``root``, or raise a FileNotFoundError that says what should be there; ``required``
+        """Return ``root``, or raise a MissingPathError that says what should be there; ``required``
         names paths (relative to root) that must exist too."""
         if not self.root.is_dir():
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"Dataset root {self.root} does not exist (or is not a directory). "
                 f"Expected layout:\n{expected_layout}"
             )
         for relative in required:
             if not (self.root / relative).exists():
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"{self.root / relative} is missing from the dataset at {self.root}. "
                     f"Expected layout:\n{expected_layout}"
                 )

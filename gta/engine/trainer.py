@@ -34,6 +34,7 @@ from gta.engine.progress import ProgressReport
 from gta.engine.schedule import poly_factor, set_lr
 from gta.engine.signals import StopSignals, TrainingInterrupted
 from gta.engine.snapshots import Snapshots
+from gta.errors import ConfigError, UserError
 from gta.methods.base import Batch, Method, Progress
 from gta.tracking import Logger, NullLogger
 
@@ -49,7 +50,7 @@ class EvalResult:
 ON_NONFINITE = ("stop", "skip")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss was NaN or infinite (``trainer.on_nonfinite=stop``)."""
 
 
@@ -110,7 +111,7 @@ class Trainer:
             self.precision.scales_losses) else {}
         self.total_iters = iters if iters is not None else epochs * loaders.iters_per_epoch
         if self.total_iters <= 0:
-            raise ValueError(f"nothing to train: trainer.iters={iters}, trainer.epochs={epochs}")
+            raise ConfigError(f"nothing to train: trainer.iters={iters}, trainer.epochs={epochs}")
         self.eval_every, self.log_every, self.poly_power = eval_every, log_every, poly_power
         self.eval_protocol, self.num_classes, self.ignore_index = eval_protocol, num_classes, ignore_index
         self.eval_models = eval_protocol.select(method.evaluated_models(), method.reported)  # fails early
@@ -119,7 +120,7 @@ class Trainer:
         self.logger = logger or NullLogger()
         self.history: list[EvalResult] = []
         if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"trainer.on_nonfinite must be one of {ON_NONFINITE}, got '{on_nonfinite}'")
+            raise ConfigError(f"trainer.on_nonfinite must be one of {ON_NONFINITE}, got '{on_nonfinite}'")
         self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
         self.progress, self.snapshots = progress, snapshots
         self._batch: Batch | None = None  # the latest training batch, for the pictures of an evaluation
