@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
 
 from gta.engine.signals import STOP_SIGNALS
-from gta.errors import ConfigError, DataError
+from gta.errors import ConfigError, DataError, MissingFilesError
 
 from .sampler import EpochSampler, derive_seed
 from .source import Sample, SegmentationFiles, SegmentationSource, read_list
@@ -135,10 +135,12 @@ def _check_files_exist(split: SplitData) -> None:
     # Unlabeled samples are used without their masks, which therefore need not exist.
     needed = [(s.id, p) for s in split.labeled + split.val for p in (s.image, s.mask)]
     needed += [(s.id, s.image) for s in split.unlabeled]
-    missing = [f"{sample_id}: {path}" for sample_id, path in needed if not Path(path).is_file()]
+    missing = [(sample_id, Path(path)) for sample_id, path in needed if not Path(path).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} files listed for this split do not exist, e.g.\n  " + "\n  ".join(missing[:5])
+        raise MissingFilesError(
+            f"{len(missing)} files listed for this split do not exist, e.g.\n  "
+            + "\n  ".join(f"{sample_id}: {path}" for sample_id, path in missing[:5]),
+            missing,
         )
 
 
