@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import random
 import signal
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_w
 from gta.engine.signals import STOP_SIGNALS
 from gta.errors import ConfigError, DataError, MissingFilesError
 
+from .bad_samples import BadSamples, Guarded, ReportingLoader, replacing
 from .sampler import EpochSampler, derive_seed
 from .source import Sample, SegmentationFiles, SegmentationSource, read_list
 from .transforms import eval_transform, train_transform
@@ -163,12 +166,27 @@ class Loaders:
     unlabeled: DataLoader | None
     val: DataLoader
     iters_per_epoch: int
+    #: the samples the loaders skipped (data.on_bad_sample), for the trainer to record
+    bad_samples: BadSamples = field(default_factory=BadSamples)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Schedulers signal every process of a job; the main process checkpoints, then ends its workers."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's exit handler, so it runs before it
+def _end_workers() -> None:
+    """At exit multiprocessing ends daemonic children (loader workers) with SIGTERM, then waits for them.
+    Training workers ignore SIGTERM, so a loader left alive (say by an error whose traceback keeps it)
+    would make the process wait forever: kill them first, with torch's SIGCHLD watch (which would report
+    each as a crashed worker) switched off."""
+    workers = [process for process in multiprocessing.active_children() if process.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for process in workers:
+            process.kill()
 
 
 class _PositionedSampler(EpochSampler):
@@ -186,6 +204,9 @@ class _PerSampleSeeded(Dataset):
     a run resumed mid-epoch (``set_epoch(epoch, start)``) draws exactly the augmentations the uninterrupted
     run drew, for any ``num_workers``. In the main process (``num_workers=0``) the CPU RNG state is swapped
     out around each item, so the training process's global RNG is left untouched.
+
+    Items are ``(item, bad)``: a sample whose files cannot be used is replaced by the next usable one of
+    the set, seeded the same way, and ``bad`` names what was passed over (``gta.data.bad_samples``).
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -198,6 +219,9 @@ class _PerSampleSeeded(Dataset):
     def __getitem__(self, key: tuple[int, int, int]):
         epoch, position, index = key
         seed = derive_seed(self.seed, epoch, position)
+        return replacing(lambda i: self._seeded(seed, i), index, len(self.dataset))
+
+    def _seeded(self, seed: int, index: int):
         if get_worker_info() is not None:
             torch.manual_seed(seed)
             random.seed(seed)
@@ -223,19 +247,22 @@ def build_loaders(
     pin_memory: bool = False,
     val_batch_size: int = 1,
     prefetch_factor: int | None = None,
+    on_bad_sample: str = "skip",
 ) -> Loaders:
     """Training loaders for the labeled and unlabeled streams plus a validation loader.
 
     An epoch is one pass over the unlabeled set (the labeled set if there is none); the labeled stream is
     repeated/reshuffled to the same number of iterations. Call ``loader.sampler.set_epoch(epoch, start)``
     on both training loaders before each epoch. Workers persist across epochs; each keeps
-    ``prefetch_factor`` batches ready (None: PyTorch's default, 2).
+    ``prefetch_factor`` batches ready (None: PyTorch's default, 2). A sample whose files cannot be used
+    is skipped or stops the run as ``on_bad_sample`` says (``gta.data.bad_samples``).
     """
     if not split.labeled:
         raise DataError("The split has no labeled samples")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     _check_prefetch(prefetch_factor, num_workers)
+    bad_samples = BadSamples(on_bad_sample)
     epoch_set = split.unlabeled or split.labeled
     iters_per_epoch = math.ceil(len(epoch_set) / (batch_size * world_size))
     augment = train_transform(
@@ -258,8 +285,10 @@ def build_loaders(
         sampler = _PositionedSampler(
             len(samples), iters_per_epoch * batch_size, derive_seed(seed, stream), rank, world_size
         )
-        return DataLoader(
+        return ReportingLoader(
             _PerSampleSeeded(files, derive_seed(seed, stream, rank)),
+            bad_samples=bad_samples,
+            collate_fn=default_collate,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=True,
@@ -278,9 +307,9 @@ def build_loaders(
     unlabeled = train_loader(split.unlabeled, _UNLABELED_STREAM, with_mask=False) if need_unlabeled else None
 
     val = build_val_loader(
-        source, split.val, val_batch_size, num_workers, rank, world_size, pin_memory, prefetch_factor
+        source, split.val, val_batch_size, num_workers, rank, world_size, pin_memory, prefetch_factor, bad_samples
     )
-    return Loaders(labeled, unlabeled, val, iters_per_epoch)
+    return Loaders(labeled, unlabeled, val, iters_per_epoch, bad_samples)
 
 
 def _check_prefetch(prefetch_factor: int | None, num_workers: int) -> None:
@@ -302,11 +331,13 @@ def build_val_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    bad_samples: BadSamples | None = None,
 ) -> DataLoader:
     """Whole validation images in a fixed order; rank r of ``world_size`` gets samples r, r+w, ...,
     disjoint shares without the duplicates a DistributedSampler pads with, so per-rank confusion
     matrices can simply be summed. Images of different sizes never share a batch (see
-    :func:`collate_by_size`), so ``batch_size`` is safe for datasets like VOC."""
+    :func:`collate_by_size`), so ``batch_size`` is safe for datasets like VOC. A sample whose files cannot
+    be used is left out or stops the loader, as ``bad_samples`` says (default: stop)."""
     val: Dataset = SegmentationFiles(
         samples, eval_transform(source.mean, source.std), source.num_classes, source.ignore_index,
         source.label_lut,
@@ -314,9 +345,10 @@ def build_val_loader(
     if world_size > 1:
         val = Subset(val, range(rank, len(val), world_size))
     _check_prefetch(prefetch_factor, num_workers)
-    return DataLoader(
-        val, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor, collate_fn=collate_by_size,
+    return ReportingLoader(
+        Guarded(val), bad_samples=bad_samples or BadSamples("stop"), collate_fn=collate_by_size,
+        batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor,
     )  # fmt: skip
 
 
