@@ -71,6 +71,7 @@ def report() -> None:
 
 COMMANDS = {
     "train": hydra_command("train", "train"),
+    "check": hydra_command("check", "check"),
     "eval": hydra_command("eval", "eval"),
     "predict": hydra_command("predict", "predict"),
     "export": hydra_command("export", "export"),
