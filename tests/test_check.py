@@ -76,3 +76,8 @@ def test_check_lists_entries_without_files(where, tmp_path):
     missing = [line.split() for line in result.stdout.splitlines() if "file missing" in line]
     assert len(missing) == 1 and missing[0][:2] == ["listed", gone], result.stdout
     assert "listed files of the dataset" in result.stderr and "Traceback" not in result.stderr
+    if where == "split":  # train runs the same cheap check at start-up, before any model or checkpoint
+        trained = gta("train", *tiny(data), "logger=none", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, ok=False)
+        assert trained.returncode == 1 and "Traceback" not in trained.stderr
+        assert "1 files listed for this split do not exist, e.g.\n  unl_00003: " in trained.stderr, trained.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()
