@@ -34,7 +34,8 @@ class Problem:
 
 
 class _Reads(Dataset):
-    """Item k: (k, problem or None, the mask's 256-bin value histogram for a labeled sample, else None)."""
+    """Every sample of ``sets`` in turn, as (its problem or None, the 256-bin histogram of its mask's values
+    for a usable labeled sample, else None)."""
 
     def __init__(self, sets: dict[str, SegmentationFiles]) -> None:
         self.sets = sets
@@ -43,33 +44,32 @@ class _Reads(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, k: int) -> tuple[int, Problem | None, np.ndarray | None]:
+    def __getitem__(self, k: int) -> tuple[Problem | None, np.ndarray | None]:
         name, i = self.items[k]
         files = self.sets[name]
         try:
             _, mask = files.read(i)
         except BadSampleError as error:
-            return k, Problem(name, files.samples[i].id, error.problem, str(error)), None
-        histogram = np.bincount(mask.ravel(), minlength=256) if name == "labeled" else None
-        return k, None, histogram
+            return Problem(name, files.samples[i].id, error.problem, str(error)), None
+        return None, np.bincount(mask.ravel(), minlength=256) if name == "labeled" else None
 
 
 def _as_read(item):
     return item
 
 
-def read_all(source: SegmentationSource, sets: dict[str, SegmentationFiles], workers: int):
-    """The problems of every sample of ``sets``, and the labeled masks' summed value histogram."""
+def read_all(sets: dict[str, SegmentationFiles], workers: int) -> tuple[list[Problem], np.ndarray]:
+    """The problems of the samples of ``sets`` (in their order), and the labeled masks' summed histogram;
+    read in ``workers`` processes, with a progress bar on a terminal."""
     reads = _Reads(sets)
     loader = DataLoader(reads, batch_size=None, num_workers=min(workers, len(reads)), collate_fn=_as_read)
-    problems: list[tuple[int, Problem]] = []
-    counts = np.zeros(256, dtype=np.int64)
-    for k, problem, histogram in tqdm(loader, total=len(reads), desc="check", unit="sample", disable=None):
+    problems, counts = [], np.zeros(256, dtype=np.int64)
+    for problem, histogram in tqdm(loader, total=len(reads), desc="check", unit="sample", disable=None):
         if problem is not None:
-            problems.append((k, problem))
+            problems.append(problem)
         elif histogram is not None:
             counts += histogram
-    return [problem for _, problem in sorted(problems, key=lambda p: p[0])], counts
+    return problems, counts
 
 
 def table(rows: list[list[str]]) -> str:
@@ -110,12 +110,12 @@ def run(cfg: DictConfig) -> int:
         ),
         "val": SegmentationFiles(split.val, None, source.num_classes, source.ignore_index, source.label_lut),
     }
-    problems, counts = read_all(source, sets, workers=len(os.sched_getaffinity(0)))
+    problems, counts = read_all(sets, workers=len(os.sched_getaffinity(0)))
     print(
         f"{type(source).__name__} at {source.root}: read {len(split.labeled)} labeled, {len(split.unlabeled)} "
         f"unlabeled (images only) and {len(split.val)} validation samples"
     )
-    print(class_shares(source, counts, len(split.labeled) - sum(p.set == 'labeled' for p in problems)))
+    print(class_shares(source, counts, len(split.labeled) - sum(p.set == "labeled" for p in problems)))
     if problems:
         total = len(split.labeled) + len(split.unlabeled) + len(split.val)
         print(f"\nproblems:\n{report_problems(problems)}")

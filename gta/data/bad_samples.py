@@ -59,7 +59,7 @@ class BadSamples:
         return new
 
 
-def bad_of(error: BadSampleError) -> Bad:
+def _bad_of(error: BadSampleError) -> Bad:
     return str(error.path), str(error)
 
 
@@ -76,7 +76,7 @@ class Guarded(Dataset):
         try:
             return self.dataset[index], []
         except BadSampleError as error:
-            return None, [bad_of(error)]
+            return None, [_bad_of(error)]
 
 
 def replacing(load: Callable[[int], Any], index: int, size: int) -> tuple[Any, list[Bad]]:
@@ -87,7 +87,7 @@ def replacing(load: Callable[[int], Any], index: int, size: int) -> tuple[Any, l
         try:
             return load((index + step) % size), bad
         except BadSampleError as error:
-            bad.append(bad_of(error))
+            bad.append(_bad_of(error))
     return None, [*bad, ("", f"none of the {size} samples of the set can be used, e.g. {bad[0][1]}")]
 
 
