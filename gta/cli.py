@@ -1,22 +1,48 @@
-"""``python -m gta <command> [hydra overrides]``: one Hydra application per command."""
+"""``python -m gta <command> [hydra overrides]``: one Hydra application per command.
+
+A command that fails on the user's input (a :class:`gta.errors.UserError`: a missing dataset root, a bad
+list, an impossible split, a corrupt file, a bad config value, an unreachable tracking server) ends with
+that error's message alone and exit status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Any
+other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig
 
 from gta.config import register_configs
+from gta.errors import UserError
 
 #: The config tree ships beside the package (a cloned or editable checkout).
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
+
+
+class CommandFailed(CompactHydraException):
+    """A user error's message: Hydra prints a compact exception's message without a traceback and exits
+    with status 1 (in a ``--multirun``, after the other jobs, naming the failed job's overrides)."""
+
+
+def user_error(error: BaseException) -> UserError | None:
+    """``error`` if it is a user error, or the user error a failed ``hydra.utils.instantiate`` wraps."""
+    while isinstance(error, InstantiationException):
+        error = error.__cause__
+    return error if isinstance(error, UserError) else None
+
+
+def full_error() -> bool:
+    """Hydra's own debug switch: ``HYDRA_FULL_ERROR=1`` shows every error's complete traceback."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def hydra_command(name: str, module: str) -> Callable[[], Any]:
@@ -25,7 +51,13 @@ def hydra_command(name: str, module: str) -> Callable[[], Any]:
 
     @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")
     def command(cfg: DictConfig) -> Any:
-        return importlib.import_module(f"gta.{module}").run(cfg)
+        try:
+            return importlib.import_module(f"gta.{module}").run(cfg)
+        except Exception as error:
+            user = user_error(error)
+            if user is None or full_error():
+                raise
+            raise CommandFailed(str(user)) from None
 
     return command
 
@@ -39,6 +71,7 @@ def report() -> None:
 
 COMMANDS = {
     "train": hydra_command("train", "train"),
+    "check": hydra_command("check", "check"),
     "eval": hydra_command("eval", "eval"),
     "predict": hydra_command("predict", "predict"),
     "export": hydra_command("export", "export"),

@@ -268,6 +268,12 @@ class DataConfig:
     split_seed: int = 0
     #: a directory with labeled.txt / unlabeled.txt that fixes the split exactly (data.splits is then unused)
     split_dir: str | None = None
+    #: a sample whose files cannot be used (corrupt image, mask of another size, label outside the classes)
+    #: when it is loaded: "skip" (warn once per file, record it in <run dir>/bad_samples.jsonl and the
+    #: data/bad_samples metric; training draws the next sample, validation leaves it out) or "stop" (fail
+    #: naming the file). Skip, so that one bad file among thousands does not end a long run; check a
+    #: dataset beforehand with python -m gta check
+    on_bad_sample: str = "skip"
 
 
 @dataclass

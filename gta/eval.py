@@ -17,6 +17,7 @@ from torch import nn
 from gta.data import build_val_loader
 from gta.engine.evaluate import confusion_matrices, iou_from_confusion
 from gta.engine.runtime import resolve_device
+from gta.errors import ConfigError, MissingPathError
 
 RUN_CONFIG = "config.yaml"
 #: what conf/eval.yaml may change in the run's config
@@ -36,7 +37,7 @@ def find_run_config(checkpoint: Path, config: str | None) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"No run config for {checkpoint}: looked for {', '.join(map(str, candidates))}. Pass config=PATH "
         "(the config.yaml a training run writes to its run directory)"
     )
@@ -45,7 +46,7 @@ def find_run_config(checkpoint: Path, config: str | None) -> Path:
 def load_model_state(checkpoint: Path, model_name: str) -> dict[str, torch.Tensor]:
     """A Segmenter state_dict: the file itself, or ``models[model_name]`` of a training-state checkpoint."""
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint: no file at {checkpoint}")
+        raise MissingPathError(f"checkpoint: no file at {checkpoint}")
     try:
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -54,7 +55,7 @@ def load_model_state(checkpoint: Path, model_name: str) -> dict[str, torch.Tenso
             # restricted loader refuses; it is the user's own run, so load it in full.
             state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     except Exception as err:  # torch reports truncated or foreign files in many ways
-        raise ValueError(f"checkpoint {checkpoint} cannot be read as a PyTorch file: {err}") from err
+        raise ConfigError(f"checkpoint {checkpoint} cannot be read as a PyTorch file: {err}") from err
     if isinstance(state, dict) and isinstance(state.get("models"), dict):
         if model_name not in state["models"]:
             raise KeyError(
@@ -63,7 +64,7 @@ def load_model_state(checkpoint: Path, model_name: str) -> dict[str, torch.Tenso
             )
         state = state["models"][model_name]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {checkpoint} is neither a model state_dict nor a dict with 'models'")
+        raise ConfigError(f"checkpoint {checkpoint} is neither a model state_dict nor a dict with 'models'")
     return state
 
 
@@ -88,7 +89,7 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, DictConfig]:
     model = instantiate(run_cfg.model, encoder_weights=None, weights_path=None)
     incompatible = model.load_state_dict(state, strict=False)
     if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {checkpoint} does not fit the run's model ({run_cfg.model.arch}/"
             f"{run_cfg.model.encoder_name}): missing {incompatible.missing_keys[:3]}, unexpected "
             f"{incompatible.unexpected_keys[:3]}"

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from gta.errors import ConfigError
 from gta.eval import load_model
 
 FORMATS = ("torchscript", "onnx")
@@ -56,7 +57,7 @@ def export(module: nn.Module, path: Path, fmt: str) -> None:
 
 def run(cfg: DictConfig) -> Path:
     if cfg.format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got '{cfg.format}'")
+        raise ConfigError(f"format must be one of {FORMATS}, got '{cfg.format}'")
     if cfg.format == "onnx":
         try:
             import onnx  # noqa: F401

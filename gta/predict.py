@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from gta.data import eval_transform
 from gta.engine.runtime import resolve_device
+from gta.errors import ConfigError, DataError, MissingPathError
 from gta.eval import load_model
 from gta.visualize import colorize, overlay
 
@@ -34,10 +35,10 @@ def find_inputs(path: Path, recursive: bool, output: Path) -> dict[Path, Path]:
     if path.is_file():
         return {path: output / path.stem}
     if not path.is_dir():
-        raise FileNotFoundError(f"input: no file or directory at {path}")
+        raise MissingPathError(f"input: no file or directory at {path}")
     results = output.resolve()
     if results == path.resolve():
-        raise ValueError(f"output={output} is the input directory: the masks could overwrite images there")
+        raise ConfigError(f"output={output} is the input directory: the masks could overwrite images there")
     sources: dict[Path, Path] = {}  # output -> input
     for file in sorted(path.rglob("*") if recursive else path.iterdir()):
         relative = file.relative_to(path)
@@ -45,7 +46,7 @@ def find_inputs(path: Path, recursive: bool, output: Path) -> dict[Path, Path]:
         if file.is_file() and not hidden and results not in file.resolve().parents:
             target = output / relative.parent / file.stem
             if target in sources:
-                raise ValueError(f"input: {sources[target]} and {file} would both be written to {target}.png")
+                raise ConfigError(f"input: {sources[target]} and {file} would both be written to {target}.png")
             sources[target] = file
     return {file: target for target, file in sources.items()}
 
@@ -89,7 +90,7 @@ def run(cfg: DictConfig) -> int:
         Image.fromarray(blended).save(f"{target}_overlay.jpg", quality=90)
         written += 1
     if not written:
-        raise ValueError(f"input: no image PIL can read at {inputs}")
+        raise DataError(f"input: no image PIL can read at {inputs}")
     print(f"{written} of {len(files)} files segmented into {output} ({type(source).__name__} classes: "
           f"{', '.join(source.class_names)})")  # fmt: skip
     return written

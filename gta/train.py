@@ -17,7 +17,8 @@ from gta.engine.checkpoint import LAST, load_checkpoint
 from gta.engine.runtime import configure_cuda, ensure_writable, seed_everything
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.snapshots import Snapshots
-from gta.engine.trainer import Trainer
+from gta.engine.trainer import BAD_SAMPLES, Trainer
+from gta.errors import ConfigError, MissingPathError
 from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import parent_for_job, run_tags, sweep_dir_of_job, uses_mlflow
 
@@ -64,7 +65,7 @@ def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
         return last if last.is_file() else None
     path = Path(resume).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"resume={resume}: no checkpoint file there. Give a checkpoint (e.g. <run dir>/checkpoints/"
             "last.pt), null to continue from the run directory's own, or never to start afresh"
         )
@@ -108,7 +109,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
         need_unlabeled=method.uses_unlabeled, rank=dist.rank, world_size=dist.world_size,
         pin_memory=device.type == "cuda", val_batch_size=cfg.data.val_batch_size,
-        prefetch_factor=cfg.data.prefetch_factor,
+        prefetch_factor=cfg.data.prefetch_factor, on_bad_sample=cfg.data.on_bad_sample,
     )
 
     # Only rank 0 logs and writes the run's files.
@@ -140,7 +141,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             num_classes=source.num_classes, ignore_index=source.ignore_index,
             class_names=list(source.class_names), run_dir=run_dir, logger=logger,
             checkpoint_every=cfg.trainer.checkpoint_every, on_nonfinite=cfg.trainer.on_nonfinite,
-            progress=cfg.trainer.progress, snapshots=snapshots(cfg, source, loaders.val.dataset, logger),
+            progress=cfg.trainer.progress, snapshots=snapshots(cfg, source, loaders.val.items, logger),
             dist=dist, sync_bn=cfg.trainer.sync_bn, check_sync_every=cfg.trainer.check_sync_every,
             precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
         )
@@ -152,6 +153,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         result = trainer.fit()
         if dist.is_main:
             logger.log_artifact(trainer.save_reported_model())
+            if trainer.bad_files:
+                logger.log_artifact(run_dir / BAD_SAMPLES)
     except TrainingInterrupted as stop:
         logger.close("KILLED")
         print(stop, file=sys.stderr)
@@ -177,6 +180,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     best = trainer.best
     print(f"  best     {method.reported:<9} {best['miou']:7.2%}  (step {best['step']})")
     print(f"  wall time {trainer.wall_time:.0f} s")
+    if trainer.bad_files:
+        print(f"  skipped    {len(trainer.bad_files)} unusable sample files, listed in {run_dir / BAD_SAMPLES}")
     print(f"  run files  {run_dir}")
     print(f"  logged to  {logger.location}")
     return result.miou[method.reported]

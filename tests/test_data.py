@@ -370,7 +370,7 @@ def test_build_loaders_val_shards_and_unlabeled_not_opened(shapes):
     for loaders in shards:
         assert loaders.unlabeled is None and loaders.iters_per_epoch == 3
         next(iter(loaders.labeled))
-    val_ids = [[split.val[i].id for i in loaders.val.dataset.indices] for loaders in shards]
+    val_ids = [[split.val[i].id for i in loaders.val.items.indices] for loaders in shards]
     assert sorted(val_ids[0] + val_ids[1]) == sorted(_ids(split.val)) and len(val_ids[0]) == 3
 
 

@@ -14,8 +14,12 @@ TINY = [
 ]
 
 
-def gta(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+#: the last line Hydra writes under an error's message
+HINT = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+
+
+def gta(*args: str, cwd: Path, **environment: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0", **environment}
     return subprocess.run([sys.executable, "-m", "gta", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -78,8 +82,11 @@ def test_multirun_of_all_methods_logs_each_run_to_mlflow(tmp_path, data_root):
 
 @pytest.mark.parametrize(("overrides", "culprit"), [
     (["trainer.itres=3"], "trainer.itres"),
-    (["split=5000"], "5000"),
+    (["split=5000"], "split=5000 is not possible"),
+    (["split=many"], "split must be a number of labeled images or 'all', got 'many'"),
     (["device=cuda"], "device=cuda"),
+    (["trainer.progress=often"], "trainer.progress must be one of"),
+    (["dataset.pad_label=9"], "pad_label=9 is not a class index"),  # raised inside hydra's instantiate
     (["hydra.run.dir=/proc/gta-run"], "/proc/gta-run"),
 ])
 def test_bad_input_fails_with_a_message_naming_the_culprit(overrides, culprit, tmp_path, data_root):
@@ -89,8 +96,53 @@ def test_bad_input_fails_with_a_message_naming_the_culprit(overrides, culprit, t
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
     result = gta("train", *TINY, f"dataset.root={data_root}", "logger=none", *overrides, cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert culprit in result.stderr, result.stderr[-2000:]
+    if "hydra.run.dir" not in overrides[0]:  # Hydra creates the run directory, and reports that failure itself
+        assert "Traceback" not in result.stderr, result.stderr[-2000:]  # the message, not forty lines of stack
+        assert result.stderr.strip().splitlines()[-1] == HINT  # then only Hydra's pointer to the stack
+
+
+@pytest.mark.parametrize("full_error", ["0", "1"])
+def test_a_missing_root_ends_with_its_message_and_hydra_full_error_shows_the_stack(full_error, tmp_path):
+    overrides = ["dataset=folder", "dataset.num_classes=3", "dataset.root=/no/such/root", "logger=none"]
+    result = gta("train", *overrides, cwd=tmp_path, HYDRA_FULL_ERROR=full_error)
+    assert result.returncode == 1
+    assert "Dataset root /no/such/root does not exist" in result.stderr, result.stderr[-2000:]
+    if full_error == "1":
+        assert "Traceback" in result.stderr and "gta.errors.MissingPathError: Dataset root" in result.stderr
+    else:
+        assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1] == HINT
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """Only errors in the user's input lose their stack: an error of the code shows where it happened."""
+    code = (
+        "import sys, gta.train\n"
+        "def broken(cfg): raise ValueError('not the user: a bug')\n"
+        "gta.train.run = broken\n"
+        "from gta.cli import main\n"
+        "main(['train', 'logger=none'])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "in broken" in result.stderr
+    assert "ValueError: not the user: a bug" in result.stderr
+
+
+def test_a_failing_job_of_a_multirun_fails_the_sweep_naming_it(tmp_path, data_root):
+    tiny = [o for o in TINY if not o.startswith("split=")]
+    result = gta("train", "--multirun", "split=4,many", *tiny, f"dataset.root={data_root}", "logger=none",
+                 "method=suponly", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "val mIoU student" in result.stdout  # the good job ran
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    # which job failed, and why
+    failed = [line for line in result.stderr.splitlines() if line.startswith("Error executing job with overrides")]
+    assert len(failed) == 1 and "'split=many'" in failed[0], result.stderr[-2000:]
+    assert "split must be a number of labeled images or 'all', got 'many'" in result.stderr
 
 
 def test_logger_none_runs_without_ever_importing_mlflow(tmp_path, data_root):

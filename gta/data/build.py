@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
+import multiprocessing
 import random
 import signal
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
 
 from gta.engine.signals import STOP_SIGNALS
+from gta.errors import ConfigError, DataError, MissingFilesError, MissingPathError
 
+from .bad_samples import BadSamples, Guarded, ReportingLoader, replacing
 from .sampler import EpochSampler, derive_seed
 from .source import Sample, SegmentationFiles, SegmentationSource, read_list
 from .transforms import eval_transform, train_transform
@@ -55,7 +59,7 @@ def _parse_split(split: int | str) -> int | None:
             return int(text)
     elif isinstance(split, (int, np.integer)) and not isinstance(split, bool):
         return int(split)
-    raise ValueError(
+    raise ConfigError(
         f"split must be a number of labeled images or 'all', got {split!r} (the name of a published list needs "
         "data.splits=paper or cps)"
     )
@@ -65,7 +69,7 @@ def _unique_ids(pools: dict[str, list[Sample]], root: Path) -> None:
     counts = Counter(s.id for pool in pools.values() for s in pool)
     duplicates = [i for i, n in counts.items() if n > 1]
     if duplicates:
-        raise ValueError(f"Dataset at {root} has duplicate sample ids: {sorted(duplicates)[:5]}")
+        raise DataError(f"Dataset at {root} has duplicate sample ids: {sorted(duplicates)[:5]}")
 
 
 def _lookup(samples: list[Sample], root: Path) -> dict[str, Sample]:
@@ -92,11 +96,11 @@ def _as_int(name: str) -> int | None:
 
 
 def published_list(source: SegmentationSource, family: str, split: int | str) -> Path:
-    """The file of the ``family`` list named ``split`` for this dataset, or a ValueError listing those
+    """The file of the ``family`` list named ``split`` for this dataset, or a ConfigError listing those
     there are."""
     dataset = source.published_lists
     if dataset is None:
-        raise ValueError(
+        raise ConfigError(
             f"data.splits={family}: {type(source).__name__} has no published split lists; data.splits=random "
             "draws split=N labeled images (with data.split_seed), data.split_dir=DIR reads your own "
             "labeled.txt and unlabeled.txt"
@@ -109,7 +113,7 @@ def published_list(source: SegmentationSource, family: str, split: int | str) ->
         # Hydra reads split=1_16 as the number 116 (digit grouping, as Python does): the list named so
         name = next((n for n in names if _as_int(n) == split), name)
     if name not in names:
-        raise ValueError(
+        raise ConfigError(
             f"split={split}: there is no {family} list for dataset={dataset}; its {family} lists are "
             f"{', '.join(names)} (split=all labels the whole pool; data.splits=random draws any number)"
         )
@@ -125,7 +129,7 @@ def _split_from_list(
     table = _lookup(pools["labeled"], source.root)
     missing = [e for e in entries if e.removeprefix("./").lstrip("/") not in table]
     if missing:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{len(missing)} of the {len(entries)} labeled images of the {family} list {path.stem} ({path}) are "
             f"not in the labeled pool of the dataset at {source.root}, e.g. {', '.join(missing[:5])}: is "
             "dataset.root the whole dataset, in the layout of docs/datasets.md?"
@@ -149,14 +153,14 @@ def _split_from_dir(source: SegmentationSource, pools: dict[str, list[Sample]], 
             key = entry.removeprefix("./").lstrip("/")
             if key not in table:
                 where = " (it is a validation sample)" if key in val_table else ""
-                raise ValueError(
+                raise DataError(
                     f"Entry {entry!r} in {path} matches no sample id or image path of the dataset at "
                     f"{source.root}{where}"
                 )
             chosen[name].append(table[key])
     overlap = {s.id for s in chosen["labeled"]} & {s.id for s in chosen["unlabeled"]}
     if overlap:
-        raise ValueError(
+        raise DataError(
             f"{len(overlap)} samples are both labeled and unlabeled in {split_dir}: {sorted(overlap)[:5]}"
         )
     return SplitData(chosen["labeled"], chosen["unlabeled"], list(pools["val"]), "split_dir", str(split_dir))
@@ -178,7 +182,7 @@ def select_split(
     and ``unlabeled.txt``) those lists are used exactly; ``split`` must then be "all" or match their length.
     """
     if family not in FAMILIES:
-        raise ValueError(f"data.splits={family!r} is not a family of splits; choose one of {', '.join(FAMILIES)}")
+        raise ConfigError(f"data.splits={family!r} is not a family of splits; choose one of {', '.join(FAMILIES)}")
     listed = split_dir is None and family != "random" and not _is_all(split)
     # A bad split fails before the dataset is read.
     count = None if listed else _parse_split(split)
@@ -188,7 +192,7 @@ def select_split(
     if split_dir is not None:
         result = _split_from_dir(source, pools, Path(split_dir))
         if count is not None and count != len(result.labeled):
-            raise ValueError(
+            raise ConfigError(
                 f"split={split} but {Path(split_dir) / 'labeled.txt'} lists {len(result.labeled)} labeled "
                 "samples; set split to that number or 'all'"
             )
@@ -201,7 +205,7 @@ def select_split(
         if count is None:
             count = len(pool)
         if not 0 < count <= len(pool):
-            raise ValueError(
+            raise ConfigError(
                 f"split={count} is not possible: the labeled pool of the dataset at {source.root} has "
                 f"{len(pool)} samples (choose 1..{len(pool)} or 'all')"
             )
@@ -212,7 +216,7 @@ def select_split(
         result = SplitData(labeled, unlabeled, list(pools["val"]), family, name)
     missing_masks = [s.id for s in result.labeled if s.mask is None]
     if missing_masks:
-        raise ValueError(f"Labeled samples without a mask in {source.root}: {missing_masks[:5]}")
+        raise DataError(f"Labeled samples without a mask in {source.root}: {missing_masks[:5]}")
     _check_files_exist(result)
     return result
 
@@ -222,10 +226,12 @@ def _check_files_exist(split: SplitData) -> None:
     # Unlabeled samples are used without their masks, which therefore need not exist.
     needed = [(s.id, p) for s in split.labeled + split.val for p in (s.image, s.mask)]
     needed += [(s.id, s.image) for s in split.unlabeled]
-    missing = [f"{sample_id}: {path}" for sample_id, path in needed if not Path(path).is_file()]
+    missing = [(sample_id, Path(path)) for sample_id, path in needed if not Path(path).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} files listed for this split do not exist, e.g.\n  " + "\n  ".join(missing[:5])
+        raise MissingFilesError(
+            f"{len(missing)} files listed for this split do not exist, e.g.\n  "
+            + "\n  ".join(f"{sample_id}: {path}" for sample_id, path in missing[:5]),
+            missing,
         )
 
 
@@ -263,12 +269,27 @@ class Loaders:
     unlabeled: DataLoader | None
     val: DataLoader
     iters_per_epoch: int
+    #: the samples the loaders skipped (data.on_bad_sample), for the trainer to record
+    bad_samples: BadSamples = field(default_factory=BadSamples)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Schedulers signal every process of a job; the main process checkpoints, then ends its workers."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's exit handler, so it runs before it
+def _end_workers() -> None:
+    """At exit multiprocessing ends daemonic children (loader workers) with SIGTERM, then waits for them.
+    Training workers ignore SIGTERM, so a loader left alive (say by an error whose traceback keeps it)
+    would make the process wait forever: kill them first, with torch's SIGCHLD watch (which would report
+    each as a crashed worker) switched off."""
+    workers = [process for process in multiprocessing.active_children() if process.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for process in workers:
+            process.kill()
 
 
 class _PositionedSampler(EpochSampler):
@@ -286,6 +307,9 @@ class _PerSampleSeeded(Dataset):
     a run resumed mid-epoch (``set_epoch(epoch, start)``) draws exactly the augmentations the uninterrupted
     run drew, for any ``num_workers``. In the main process (``num_workers=0``) the CPU RNG state is swapped
     out around each item, so the training process's global RNG is left untouched.
+
+    Items are ``(item, bad)``: a sample whose files cannot be used is replaced by the next usable one of
+    the set, seeded the same way, and ``bad`` names what was passed over (``gta.data.bad_samples``).
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -298,6 +322,9 @@ class _PerSampleSeeded(Dataset):
     def __getitem__(self, key: tuple[int, int, int]):
         epoch, position, index = key
         seed = derive_seed(self.seed, epoch, position)
+        return replacing(lambda i: self._seeded(seed, i), index, len(self.dataset))
+
+    def _seeded(self, seed: int, index: int):
         if get_worker_info() is not None:
             torch.manual_seed(seed)
             random.seed(seed)
@@ -323,19 +350,22 @@ def build_loaders(
     pin_memory: bool = False,
     val_batch_size: int = 1,
     prefetch_factor: int | None = None,
+    on_bad_sample: str = "skip",
 ) -> Loaders:
     """Training loaders for the labeled and unlabeled streams plus a validation loader.
 
     An epoch is one pass over the unlabeled set (the labeled set if there is none); the labeled stream is
     repeated/reshuffled to the same number of iterations. Call ``loader.sampler.set_epoch(epoch, start)``
     on both training loaders before each epoch. Workers persist across epochs; each keeps
-    ``prefetch_factor`` batches ready (None: PyTorch's default, 2).
+    ``prefetch_factor`` batches ready (None: PyTorch's default, 2). A sample whose files cannot be used
+    is skipped or stops the run as ``on_bad_sample`` says (``gta.data.bad_samples``).
     """
     if not split.labeled:
-        raise ValueError("The split has no labeled samples")
+        raise DataError("The split has no labeled samples")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     _check_prefetch(prefetch_factor, num_workers)
+    bad_samples = BadSamples(on_bad_sample)
     epoch_set = split.unlabeled or split.labeled
     iters_per_epoch = math.ceil(len(epoch_set) / (batch_size * world_size))
     augment = train_transform(
@@ -358,8 +388,10 @@ def build_loaders(
         sampler = _PositionedSampler(
             len(samples), iters_per_epoch * batch_size, derive_seed(seed, stream), rank, world_size
         )
-        return DataLoader(
+        return ReportingLoader(
             _PerSampleSeeded(files, derive_seed(seed, stream, rank)),
+            bad_samples=bad_samples,
+            collate_fn=default_collate,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=True,
@@ -370,7 +402,7 @@ def build_loaders(
         )
 
     if need_unlabeled and not split.unlabeled:
-        raise ValueError(
+        raise ConfigError(
             f"The method needs unlabeled images but the split of {source.root} has none "
             f"({len(split.labeled)} labeled); use a smaller split or a dataset with an unlabeled pool"
         )
@@ -378,16 +410,16 @@ def build_loaders(
     unlabeled = train_loader(split.unlabeled, _UNLABELED_STREAM, with_mask=False) if need_unlabeled else None
 
     val = build_val_loader(
-        source, split.val, val_batch_size, num_workers, rank, world_size, pin_memory, prefetch_factor
+        source, split.val, val_batch_size, num_workers, rank, world_size, pin_memory, prefetch_factor, bad_samples
     )
-    return Loaders(labeled, unlabeled, val, iters_per_epoch)
+    return Loaders(labeled, unlabeled, val, iters_per_epoch, bad_samples)
 
 
 def _check_prefetch(prefetch_factor: int | None, num_workers: int) -> None:
     if prefetch_factor is None:
         return
     if num_workers == 0 or prefetch_factor < 1:
-        raise ValueError(
+        raise ConfigError(
             f"data.prefetch_factor={prefetch_factor} needs data.num_workers > 0 (worker processes prefetch; "
             f"data.num_workers={num_workers}) and a value >= 1; null keeps PyTorch's default"
         )
@@ -402,11 +434,13 @@ def build_val_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    bad_samples: BadSamples | None = None,
 ) -> DataLoader:
     """Whole validation images in a fixed order; rank r of ``world_size`` gets samples r, r+w, ...,
     disjoint shares without the duplicates a DistributedSampler pads with, so per-rank confusion
     matrices can simply be summed. Images of different sizes never share a batch (see
-    :func:`collate_by_size`), so ``batch_size`` is safe for datasets like VOC."""
+    :func:`collate_by_size`), so ``batch_size`` is safe for datasets like VOC. A sample whose files cannot
+    be used is left out or stops the loader, as ``bad_samples`` says (default: stop)."""
     val: Dataset = SegmentationFiles(
         samples, eval_transform(source.mean, source.std), source.num_classes, source.ignore_index,
         source.label_lut,
@@ -414,9 +448,10 @@ def build_val_loader(
     if world_size > 1:
         val = Subset(val, range(rank, len(val), world_size))
     _check_prefetch(prefetch_factor, num_workers)
-    return DataLoader(
-        val, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor, collate_fn=collate_by_size,
+    return ReportingLoader(
+        Guarded(val), bad_samples=bad_samples or BadSamples("stop"), collate_fn=collate_by_size,
+        batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor,
     )  # fmt: skip
 
 

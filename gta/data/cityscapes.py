@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from torchvision.datasets import Cityscapes as TorchvisionCityscapes
 
+from gta.errors import ConfigError, MissingPathError
+
 from .source import Sample, SegmentationSource, check_files, fixed_labels
 
 __all__ = ["CITYSCAPES_CLASSES", "Cityscapes"]
@@ -51,7 +53,7 @@ class Cityscapes(SegmentationSource):
 
     def __init__(self, root: str | Path, label_files: str = "auto", **kwargs) -> None:
         if label_files not in LABEL_FILES:
-            raise ValueError(f"dataset.label_files must be one of {LABEL_FILES}, got '{label_files}'")
+            raise ConfigError(f"dataset.label_files must be one of {LABEL_FILES}, got '{label_files}'")
         if kwargs.get("palette") is None:
             kwargs["palette"] = CITYSCAPES_PALETTE
         kwargs = fixed_labels(
@@ -96,7 +98,7 @@ class Cityscapes(SegmentationSource):
         ]
         if not samples:
             where = self.root / "leftImg8bit" / split
-            raise FileNotFoundError(f"No *{IMAGE_SUFFIX} images under {where}. Expected layout:\n{LAYOUT}")
+            raise MissingPathError(f"No *{IMAGE_SUFFIX} images under {where}. Expected layout:\n{LAYOUT}")
         return samples
 
 

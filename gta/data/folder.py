@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gta.errors import MissingPathError
+
 from .source import Sample, SegmentationSource, check_files, read_list
 
 __all__ = ["SegmentationFolder"]
@@ -63,11 +65,11 @@ class SegmentationFolder(SegmentationSource):
         else:
             origin = images / where
             if not origin.is_dir():
-                raise FileNotFoundError(f"{origin} is not a directory. Expected layout:\n{self.layout}")
+                raise MissingPathError(f"{origin} is not a directory. Expected layout:\n{self.layout}")
             files = (p for p in origin.rglob(f"*{self.image_suffix}") if p.is_file())
             ids = sorted(p.relative_to(images).as_posix().removesuffix(self.image_suffix) for p in files)
             if not ids:
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"No *{self.image_suffix} images under {origin} (set dataset.image_suffix). "
                     f"Expected layout:\n{self.layout}"
                 )

@@ -2,8 +2,9 @@
 
 A :class:`SegmentationSource` describes one dataset (metadata plus pools of samples); it does not load
 anything itself. :class:`SegmentationFiles` turns a list of samples into a torch ``Dataset`` and validates
-every file as it is read, so a broken dataset fails with a message naming the file instead of a cryptic
-error deep inside the loss.
+every file as it is read (:meth:`SegmentationFiles.read`, which ``python -m gta check`` runs over a whole
+split), so a broken dataset fails with a :class:`~gta.errors.BadSampleError` naming the file instead of a
+cryptic error deep inside the loss.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+
+from gta.errors import BadSampleError, ConfigError, DataError, MissingFilesError, MissingPathError
 
 __all__ = [
     "Sample",
@@ -57,18 +60,30 @@ def read_list(path: Path) -> list[str]:
     """The entries of a list file: one per line, first column only (so two-column "image mask" lists
     work too), blank lines and repeats dropped."""
     if not path.is_file():
-        raise FileNotFoundError(f"List file {path} does not exist")
+        raise MissingPathError(f"List file {path} does not exist")
     entries = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     return list(dict.fromkeys(entries))
 
 
+#: missing files a message lists (the error holds all of them)
+MISSING_SHOWN = 10
+
+
 def check_files(samples: Iterable[Sample], listed_in: Path | str) -> list[Sample]:
-    """Fail before training starts, naming the sample and where it came from, if a file is missing."""
+    """Fail before training starts, naming the samples and where they came from, if files are missing."""
     samples = list(samples)
-    for sample in samples:
-        for what, path in (("image", sample.image), ("mask", sample.mask)):
-            if path is not None and not path.is_file():
-                raise FileNotFoundError(f"Sample '{sample.id}' (from {listed_in}): no {what} file {path}")
+    missing = [
+        (sample.id, what, path)
+        for sample in samples
+        for what, path in (("image", sample.image), ("mask", sample.mask))
+        if path is not None and not path.is_file()
+    ]
+    if missing:
+        lines = [f"Sample '{i}' (from {listed_in}): no {what} file {path}" for i, what, path in missing]
+        more = f"\n... and {len(lines) - MISSING_SHOWN} more" if len(lines) > MISSING_SHOWN else ""
+        raise MissingFilesError(
+            "\n".join(lines[:MISSING_SHOWN]) + more, [(i, path) for i, _, path in missing]
+        )
     return samples
 
 
@@ -79,7 +94,7 @@ def fixed_labels(dataset: str, kwargs: dict[str, Any], **fixed: Any) -> dict[str
     for key, value in fixed.items():
         given = kwargs.get(key)
         if given is not None and _plain(given) != _plain(value):
-            raise ValueError(f"{dataset} has fixed {key}={value}; got {given}")
+            raise ConfigError(f"{dataset} has fixed {key}={value}; got {given}")
     return {**kwargs, **fixed}
 
 
@@ -115,27 +130,27 @@ class SegmentationSource:
         scale_pivot: float | None = None,
     ) -> None:
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"ignore_index={ignore_index} collides with a class index (0..{num_classes - 1})"
             )
         class_names = (
             list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
         )
         if len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class_names given for num_classes={num_classes}")
+            raise ConfigError(f"{len(class_names)} class_names given for num_classes={num_classes}")
         palette = [list(c) for c in palette] if palette is not None else voc_palette(num_classes)
         if len(palette) < num_classes or any(len(c) != 3 for c in palette):
-            raise ValueError(f"palette needs {num_classes} RGB triplets, got {palette}")
+            raise ConfigError(f"palette needs {num_classes} RGB triplets, got {palette}")
         if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
+            raise ConfigError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+            raise ConfigError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
         if scale_pivot is not None and not scale_range[0] <= scale_pivot <= scale_range[1]:
-            raise ValueError(f"scale_pivot={scale_pivot} lies outside scale_range {list(scale_range)}")
+            raise ConfigError(f"scale_pivot={scale_pivot} lies outside scale_range {list(scale_range)}")
         if pad_label is not None and not 0 <= pad_label < num_classes:
-            raise ValueError(f"pad_label={pad_label} is not a class index (0..{num_classes - 1})")
+            raise ConfigError(f"pad_label={pad_label} is not a class index (0..{num_classes - 1})")
 
         self.root = Path(root).expanduser()
         self.num_classes = num_classes
@@ -155,16 +170,16 @@ class SegmentationSource:
         raise NotImplementedError(f"{type(self).__name__} must implement pools()")
 
     def check_root(self, expected_layout: str, *required: str) -> Path:
-        """Return ``root``, or raise a FileNotFoundError that says what should be there; ``required``
+        """Return ``root``, or raise a MissingPathError that says what should be there; ``required``
         names paths (relative to root) that must exist too."""
         if not self.root.is_dir():
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"Dataset root {self.root} does not exist (or is not a directory). "
                 f"Expected layout:\n{expected_layout}"
             )
         for relative in required:
             if not (self.root / relative).exists():
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"{self.root / relative} is missing from the dataset at {self.root}. "
                     f"Expected layout:\n{expected_layout}"
                 )
@@ -175,13 +190,14 @@ class SegmentationSource:
 
 
 def _open(path: Path, what: str) -> Image.Image:
-    """Open and fully decode an image, turning every decoder failure into a ValueError naming the file."""
+    """Open and fully decode an image, turning every decoder failure (and a file that has gone) into a
+    BadSampleError naming the file."""
     try:
         with Image.open(path) as image:
             image.load()
             return image
     except (OSError, SyntaxError, ValueError) as err:  # PIL reports corrupt data with all three
-        raise ValueError(f"Cannot read {what} file {path}: {err}") from err
+        raise BadSampleError(f"Cannot read {what} file {path}: {err}", path, f"unreadable {what}") from err
 
 
 class SegmentationFiles(Dataset):
@@ -189,7 +205,8 @@ class SegmentationFiles(Dataset):
 
     Returns a float image tensor ``3xHxW`` and an int64 mask ``HxW``. With ``with_mask=False`` (unlabeled
     use) the ground truth is never read: the mask is all zeros, so after the transform the only
-    ``ignore_index`` pixels are crop padding, which tells the method which pixels are not real.
+    ``ignore_index`` pixels are crop padding, which tells the method which pixels are not real. A sample
+    whose files cannot be used raises :class:`~gta.errors.BadSampleError` naming the file.
     """
 
     def __init__(
@@ -215,7 +232,7 @@ class SegmentationFiles(Dataset):
         if with_mask:
             missing = [s.id for s in self.samples if s.mask is None]
             if missing:
-                raise ValueError(f"{len(missing)} samples have no mask but masks are required: {missing[:5]}")
+                raise DataError(f"{len(missing)} samples have no mask but masks are required: {missing[:5]}")
         # Everything outside [0, num_classes) except ignore_index is an invalid raw label.
         self._invalid = np.ones(256, dtype=bool)
         self._invalid[:num_classes] = False
@@ -226,29 +243,34 @@ class SegmentationFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sample = self.samples[index]
-        image = _open(sample.image, "image").convert("RGB")
-        if self.with_mask:
-            mask = self._load_mask(sample, image.size)
-        else:
-            mask = np.zeros((image.height, image.width), dtype=np.uint8)
-        image = tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+        image, mask = self.read(index)
+        if mask is None:
+            mask = np.zeros(image.shape[:2], dtype=np.uint8)
+        image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
         image, mask = self.transform(image, tv_tensors.Mask(torch.from_numpy(mask)))
         # Plain tensors downstream: tv_tensor subclasses only matter to the transforms.
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sample ``index`` as read and checked, before any transform: the RGB image (``HxWx3`` uint8) and
+        its class-index mask (``HxW`` uint8, mapped by ``label_lut``; None with ``with_mask=False``)."""
+        sample = self.samples[index]
+        image = _open(sample.image, "image").convert("RGB")
+        mask = self._load_mask(sample, image.size) if self.with_mask else None
+        return np.array(image), mask
+
     def _load_mask(self, sample: Sample, image_size: tuple[int, int]) -> np.ndarray:
         mask = _open(sample.mask, "mask")
         if mask.mode not in ("L", "P"):
-            raise ValueError(
+            raise BadSampleError(
                 f"Mask {sample.mask} has mode {mask.mode!r}; expected a single-channel class-index PNG "
-                "(mode 'L' or 'P')"
-            )
+                "(mode 'L' or 'P')", sample.mask, "mask not single-channel",
+            )  # fmt: skip
         if mask.size != image_size:
-            raise ValueError(
+            raise BadSampleError(
                 f"Mask {sample.mask} is {mask.size[0]}x{mask.size[1]} but image {sample.image} is "
-                f"{image_size[0]}x{image_size[1]}"
-            )
+                f"{image_size[0]}x{image_size[1]}", sample.mask, "mask size differs from image",
+            )  # fmt: skip
         values = np.array(mask, dtype=np.uint8)  # mode P reads as palette indices, i.e. class ids
         # Validate the raw values (what is in the file) so the message names a value the user can find.
         invalid = self._invalid if self.label_lut is None else self._invalid[self.label_lut]
@@ -256,8 +278,9 @@ class SegmentationFiles(Dataset):
         bad = np.flatnonzero(present & invalid)
         if bad.size:
             mapped = "" if self.label_lut is None else " after mapping by the dataset's label table"
-            raise ValueError(
+            raise BadSampleError(
                 f"Mask {sample.mask} contains values {bad.tolist()} outside the accepted range "
-                f"[0, {self.num_classes}) + ignore_index {self.ignore_index}{mapped}"
-            )
+                f"[0, {self.num_classes}) + ignore_index {self.ignore_index}{mapped}", sample.mask,
+                "labels outside the classes",
+            )  # fmt: skip
         return values if self.label_lut is None else self.label_lut[values]

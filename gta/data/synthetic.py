@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from gta.errors import ConfigError, OccupiedPathError
+
 from .source import Sample, SegmentationSource, fixed_labels
 
 __all__ = ["SyntheticShapes", "render_scene"]
@@ -202,9 +204,9 @@ class SyntheticShapes(SegmentationSource):
             class_names=list(type(self).class_names),
         )
         if min(num_labeled_pool, num_val) < 1 or num_unlabeled < 0:
-            raise ValueError("SyntheticShapes needs num_labeled_pool >= 1, num_val >= 1, num_unlabeled >= 0")
+            raise ConfigError("SyntheticShapes needs num_labeled_pool >= 1, num_val >= 1, num_unlabeled >= 0")
         if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
+            raise ConfigError(f"image_size must be >= 8, got {image_size}")
         # Train on whole images by default; mild rescaling, since at 64 px a 0.5x scale shrinks the
         # smallest shapes to a few pixels and turns most of the crop into padding.
         source_kwargs.setdefault("crop_size", image_size)
@@ -252,7 +254,7 @@ class SyntheticShapes(SegmentationSource):
         if self.is_generated():
             return
         if self.root.exists() and not _is_replaceable(self.root):
-            raise FileExistsError(
+            raise OccupiedPathError(
                 f"{self.root} exists and is not a SyntheticShapes cache; refusing to overwrite it. "
                 "Point the dataset root at an empty or new directory."
             )
@@ -297,7 +299,7 @@ class SyntheticShapes(SegmentationSource):
                 if self.is_generated():
                     return  # a concurrent generator got there first
             if not _is_replaceable(self.root):
-                raise FileExistsError(f"{self.root} appeared and is not a SyntheticShapes cache")
+                raise OccupiedPathError(f"{self.root} appeared and is not a SyntheticShapes cache")
             # A stale cache (other parameters): move it out of the way atomically, then retry.
             graveyard = Path(tempfile.mkdtemp(prefix=f".{self.root.name}.old-", dir=self.root.parent))
             try:

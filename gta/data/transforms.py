@@ -15,6 +15,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from gta.errors import ConfigError
+
 __all__ = ["RandomRescale", "eval_transform", "train_transform"]
 
 
@@ -34,9 +36,9 @@ class RandomRescale(v2.Transform):
         super().__init__()
         low, high = (float(v) for v in scale_range)
         if not 0 < low <= high:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+            raise ConfigError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
         if pivot is not None and not low <= pivot <= high:
-            raise ValueError(f"scale_pivot={pivot} lies outside scale_range [{low}, {high}]")
+            raise ConfigError(f"scale_pivot={pivot} lies outside scale_range [{low}, {high}]")
         self.scale_range, self.pivot = (low, high), pivot
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:

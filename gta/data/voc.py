@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gta.errors import MissingPathError
+
 from .source import Sample, SegmentationSource, check_files, fixed_labels, read_list
 
 __all__ = ["VOC_CLASSES", "PascalVOC", "PascalVOCAug"]
@@ -69,7 +71,7 @@ class PascalVOC(SegmentationSource):
         elif masks.is_dir():
             ids, origin = sorted(p.stem for p in masks.glob("*.png")), masks
         else:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"The augmented VOC training set (SBD) is missing from {self.root}: neither {listed} nor "
                 f"{masks} exists. Both VOC protocols draw their unlabeled images from it. Expected "
                 f"layout:\n{LAYOUT}"

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gta.errors import MissingPathError, UnwritablePathError, UserError
+
 FORMAT = 2
 #: formats load_checkpoint reads, each upgraded to FORMAT (1: before scalers)
 READABLE = (1, 2)
@@ -41,7 +43,7 @@ LAST, BEST = "last.pt", "best.pt"
 _TMP_SUFFIX = ".tmp"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written, read, or does not fit the run it is loaded into."""
 
 
@@ -75,7 +77,7 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint as plain data (``weights_only=True``) and check its format."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingPathError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -102,11 +104,11 @@ class Checkpointer:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise PermissionError(
+            raise UnwritablePathError(
                 f"cannot create the checkpoint directory {directory}: {err.strerror}"
             ) from err
         if not os.access(directory, os.W_OK):
-            raise PermissionError(f"the checkpoint directory {directory} is not writable")
+            raise UnwritablePathError(f"the checkpoint directory {directory} is not writable")
         self.directory = directory
         for stale in directory.glob(f".*{_TMP_SUFFIX}"):
             stale.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
 
 from gta.engine.runtime import resolve_device
+from gta.errors import ConfigError
 
 #: gradients are all-reduced in buckets of at most this many bytes (DistributedDataParallel's default)
 BUCKET_BYTES = 25 * 2**20
@@ -229,7 +230,7 @@ def to_sync_batchnorm(module: nn.Module, device: torch.device) -> None:
     """``trainer.sync_bn``: every BatchNorm layer inside ``module`` (a method, never a BatchNorm layer
     itself) becomes a SyncBatchNorm with the same tensors, normalising with the global batch's statistics."""
     if device.type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             f"trainer.sync_bn=true needs CUDA (this run is on {device}): SyncBatchNorm exchanges batch "
             "statistics between GPUs. Use device=cuda, or trainer.sync_bn=false"
         )
@@ -271,14 +272,14 @@ def setup(device_name: str) -> Distributed:
     device = resolve_device(device_name)
     if device.type == "cuda":
         if device.index is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"device={device_name} names one GPU, but this process is rank {rank} of {world_size}: use "
                 "device=cuda or device=auto (each process takes the GPU of its local rank)"
             )
         count = torch.cuda.device_count()
         index = 0 if count == 1 else local_rank  # one GPU visible: the scheduler gave each task its own
         if index >= count:
-            raise RuntimeError(
+            raise ConfigError(
                 f"rank {rank} (local rank {local_rank}) has no GPU of its own: this node shows {count}; start "
                 "one process per GPU (torchrun --nproc_per_node, hydra.launcher.gpus_per_node)"
             )

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from gta.errors import ConfigError
+
 MODES = ("whole", "center_crop", "sliding")
 
 
@@ -30,13 +32,13 @@ class EvalProtocol:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"eval.mode must be one of {MODES}, got '{self.mode}'")
+            raise ConfigError(f"eval.mode must be one of {MODES}, got '{self.mode}'")
         if self.stride <= 0 or self.crop_size <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.crop_size and eval.stride must be positive, got {self.crop_size}, {self.stride}"
             )
         if self.mode == "sliding" and self.stride > self.crop_size:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.stride={self.stride} > eval.crop_size={self.crop_size} would leave pixels between "
                 "sliding windows unpredicted; use a stride <= the window"
             )
@@ -52,7 +54,7 @@ class EvalProtocol:
         wanted = {reported} if self.models == "reported" else {reported, *self.models}
         unknown = sorted(wanted - set(models))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.models names {unknown}, which this method does not evaluate; choose 'reported', 'all' "
                 f"or a list from {list(models)}"
             )

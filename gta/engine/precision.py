@@ -14,13 +14,15 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from gta.errors import ConfigError
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
     def __init__(self, name: str, device: torch.device) -> None:
         if name not in PRECISIONS:
-            raise ValueError(f"trainer.precision must be one of {tuple(PRECISIONS)}, got '{name}'")
+            raise ConfigError(f"trainer.precision must be one of {tuple(PRECISIONS)}, got '{name}'")
         self.name, self.device, self.dtype = name, device, PRECISIONS[name]
         if self.dtype is not None:
             check_supported(name, self.dtype, device)
@@ -44,7 +46,7 @@ class Precision:
 def check_supported(name: str, dtype: torch.dtype, device: torch.device) -> None:
     """Fail naming the setting and the device when autocast to ``dtype`` does not work there."""
     if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported(False):
-        raise ValueError(
+        raise ConfigError(
             f"trainer.precision={name}: {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic; "
             "use trainer.precision=fp16 (with loss scaling) or fp32"
         )
@@ -59,7 +61,7 @@ def check_supported(name: str, dtype: torch.dtype, device: torch.device) -> None
     else:
         reason = f"autocast computed a product in {product.dtype}"
     if product is None or product.dtype != dtype:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.precision={name}: torch {torch.__version__} cannot autocast to {dtype} on {device} "
             f"({reason}); use trainer.precision=fp32 or another device"
         )

@@ -14,6 +14,8 @@ from typing import TextIO
 
 from tqdm.auto import tqdm
 
+from gta.errors import ConfigError
+
 MODES = ("auto", "bar", "lines", "none")
 
 
@@ -28,7 +30,7 @@ class ProgressReport:
 
     def __init__(self, start: int, total: int, every: int, mode: str = "auto", stream: TextIO | None = None) -> None:
         if mode not in MODES:
-            raise ValueError(f"trainer.progress must be one of {MODES}, got '{mode}'")
+            raise ConfigError(f"trainer.progress must be one of {MODES}, got '{mode}'")
         self.stream = stream or sys.stderr
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "lines"

@@ -9,16 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gta.errors import ConfigError, UnwritablePathError
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
     if name not in DEVICES and not name.startswith("cuda:"):
-        raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got '{name}'")
+        raise ConfigError(f"device must be one of {DEVICES} (or cuda:N), got '{name}'")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigError(
             f"device={name} was requested but PyTorch sees no CUDA GPU "
             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use device=cpu or device=auto"
         )
@@ -47,9 +49,9 @@ def ensure_writable(directory: Path) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise PermissionError(f"cannot create the run directory {directory}: {err.strerror}") from err
+        raise UnwritablePathError(f"cannot create the run directory {directory}: {err.strerror}") from err
     if not os.access(directory, os.W_OK):
-        raise PermissionError(
+        raise UnwritablePathError(
             f"the run directory {directory} is not writable; choose another with hydra.run.dir=..."
         )
     return directory

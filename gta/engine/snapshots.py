@@ -7,6 +7,7 @@ every evaluated model), ``unlabeled.png`` (what the method makes of the latest u
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 
 from gta import visualize
 from gta.engine.evaluate import EvalProtocol, predict_logits
+from gta.errors import BadSampleError
 from gta.methods.base import Batch, Method
 from gta.tracking import Logger
 
@@ -50,7 +52,12 @@ class Snapshots:
             raise ValueError(f"Snapshots needs at least one image, got trainer.snapshot_images={count}")
         # Spread over the validation set, and the same images at every evaluation.
         picks = np.unique(np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int))
-        self.val = [val[int(i)] for i in picks]
+        self.val = []
+        for i in picks:
+            try:
+                self.val.append(val[int(i)])
+            except BadSampleError as error:  # evaluation skips it or stops, as data.on_bad_sample says
+                warnings.warn(f"{error}: not pictured", RuntimeWarning, 2)
         self.count = count
         self.palette, self.class_names = [list(c) for c in palette], list(class_names)
         self.mean, self.std, self.protocol = mean, std, protocol

@@ -9,6 +9,7 @@ the interrupted one stopped (see ``gta.engine.checkpoint``).
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from gta.engine.progress import ProgressReport
 from gta.engine.schedule import poly_factor, set_lr
 from gta.engine.signals import StopSignals, TrainingInterrupted
 from gta.engine.snapshots import Snapshots
+from gta.errors import ConfigError, UserError
 from gta.methods.base import Batch, Method, Progress
 from gta.tracking import Logger, NullLogger
 
@@ -48,8 +50,11 @@ class EvalResult:
 
 ON_NONFINITE = ("stop", "skip")
 
+#: in the run directory: one JSON line per sample file the loaders skipped (data.on_bad_sample=skip)
+BAD_SAMPLES = "bad_samples.jsonl"
 
-class NonFiniteLossError(FloatingPointError):
+
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss was NaN or infinite (``trainer.on_nonfinite=stop``)."""
 
 
@@ -110,7 +115,7 @@ class Trainer:
             self.precision.scales_losses) else {}
         self.total_iters = iters if iters is not None else epochs * loaders.iters_per_epoch
         if self.total_iters <= 0:
-            raise ValueError(f"nothing to train: trainer.iters={iters}, trainer.epochs={epochs}")
+            raise ConfigError(f"nothing to train: trainer.iters={iters}, trainer.epochs={epochs}")
         self.eval_every, self.log_every, self.poly_power = eval_every, log_every, poly_power
         self.eval_protocol, self.num_classes, self.ignore_index = eval_protocol, num_classes, ignore_index
         self.eval_models = eval_protocol.select(method.evaluated_models(), method.reported)  # fails early
@@ -119,7 +124,7 @@ class Trainer:
         self.logger = logger or NullLogger()
         self.history: list[EvalResult] = []
         if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"trainer.on_nonfinite must be one of {ON_NONFINITE}, got '{on_nonfinite}'")
+            raise ConfigError(f"trainer.on_nonfinite must be one of {ON_NONFINITE}, got '{on_nonfinite}'")
         self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
         self.progress, self.snapshots = progress, snapshots
         self._batch: Batch | None = None  # the latest training batch, for the pictures of an evaluation
@@ -143,6 +148,7 @@ class Trainer:
         self._pending: list[tuple[str, int]] = []
         self._first_nonfinite = torch.zeros((), dtype=torch.long, device=device)
         self._nonfinite_loss = torch.zeros((), device=device)
+        self.bad_files: set[str] = set()  # sample files skipped by the loaders, as recorded in BAD_SAMPLES
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self) -> EvalResult:
@@ -153,6 +159,8 @@ class Trainer:
 
     def _fit(self, stop: StopSignals) -> EvalResult:
         started = time.perf_counter()
+        if self.start_iter == 0 and self.dist.is_main:
+            (self.run_dir / BAD_SAMPLES).unlink(missing_ok=True)  # another run's, in this directory before
         batches = self._batches(self.start_iter)
         self.method.train()
         mode = self.progress if self.dist.is_main else "none"  # one report for all ranks
@@ -186,6 +194,7 @@ class Trainer:
                 report.set({k.removeprefix("train/"): v for k, v in metrics.items() if k.startswith("train/")})
                 report.set({"lr": next(iter(self.optimizers.values())).param_groups[0]["lr"]})
                 self._sums, self._count = {}, 0
+                self._record_bad_samples(step)
             if (self.eval_every and step % self.eval_every == 0) or step == self.total_iters:
                 result = self.evaluate(step)
                 report.write(f"step {step}: " + ", ".join(f"{n} mIoU {v:.2%}" for n, v in result.miou.items()))
@@ -320,6 +329,7 @@ class Trainer:
                 }
             )
         self.logger.log_metrics(metrics, step=step)
+        self._record_bad_samples(step)
         if self.snapshots is not None:
             self.snapshots.log(
                 self.logger, step, self.eval_models, result.iou, confusion, self.method, self._batch, self.device
@@ -333,6 +343,21 @@ class Trainer:
             state = self.state_dict(result.step)
             if self.dist.is_main:
                 self.checkpoints.save(state, best=True)
+
+    def _record_bad_samples(self, step: int) -> None:
+        """Append the sample files every rank's loaders skipped since the last call to BAD_SAMPLES and log
+        their number so far as ``data/bad_samples``. Runs on all ranks (it gathers), at the same steps."""
+        bad_samples = getattr(self.loaders, "bad_samples", None)
+        found = self.dist.gather_object(bad_samples.take() if bad_samples is not None else [])
+        new = {path: message for part in found for path, message in part if path not in self.bad_files}
+        if not new:
+            return
+        self.bad_files.update(new)
+        if self.dist.is_main:
+            with open(self.run_dir / BAD_SAMPLES, "a") as record:
+                for path, message in new.items():
+                    record.write(json.dumps({"step": step, "file": path, "error": message}) + "\n")
+        self.logger.log_metrics({"data/bad_samples": len(self.bad_files)}, step=step)
 
     # --- checkpoints -----------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict:
@@ -384,6 +409,9 @@ class Trainer:
         self._sums = {k: v.to(self.device) for k, v in state["metrics"]["sums"].items()}
         self._count = state["metrics"]["count"]
         self.saved = (Path(source), state["iteration"])
+        record = self.run_dir / BAD_SAMPLES
+        if record.is_file():  # the files this run skipped before it was interrupted
+            self.bad_files = {json.loads(line)["file"] for line in record.read_text().splitlines() if line}
         saved_rng = [state["rng"], *state.get("rng_other_ranks", [])]
         if len(saved_rng) != self.dist.world_size and self.dist.is_main:
             warnings.warn(

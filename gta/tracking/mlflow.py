@@ -31,6 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.rest_utils import http_request
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from gta.errors import ConfigError, UnreachableServerError, UnwritablePathError
 from gta.tracking.base import Logger
 
 if TYPE_CHECKING:
@@ -73,9 +74,9 @@ def _prepare_sqlite(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"cannot create the directory of the MLflow store {path}: {e}") from e
+        raise UnwritablePathError(f"cannot create the directory of the MLflow store {path}: {e}") from e
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise PermissionError(
+        raise UnwritablePathError(
             f"the MLflow store {path} is not writable; point logger.tracking_uri=sqlite:////other/mlflow.db "
             "elsewhere or run with logger=none"
         )
@@ -95,7 +96,7 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         creds = get_default_host_creds(uri)
         http_request(creds, "/health", "GET", max_retries=0, timeout=timeout, raise_on_status=False)
     except Exception as e:
-        raise ConnectionError(
+        raise UnreachableServerError(
             f"cannot reach the MLflow tracking server at {uri} ({e}). Start it, point "
             "logger.tracking_uri=... (or GTA_TRACKING_URI) at a reachable one, or run with logger=none."
         ) from e
@@ -178,7 +179,7 @@ class MLflowLogger(Logger):
                 # Another run of the same sweep created it in the meantime.
                 experiment = self._client.get_experiment_by_name(name)
         if experiment.lifecycle_stage == "deleted":
-            raise ValueError(
+            raise ConfigError(
                 f"MLflow experiment '{name}' at {self.tracking_uri} is deleted: restore it "
                 f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
                 "or choose another logger.experiment_name"

@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gta.config import PROJECT_ROOT
+from gta.errors import DataError
 
 PARENT_FILE = "mlflow_parent.json"
 MLFLOW_LOGGER = "gta.tracking.mlflow.MLflowLogger"
@@ -56,7 +57,7 @@ class SweepParent:
         try:
             return cls(**json.loads(path.read_text()))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path} is not a sweep's MLflow parent record ({e}); delete it to start anew") \
+            raise DataError(f"{path} is not a sweep's MLflow parent record ({e}); delete it to start anew") \
                 from e
 
 
