@@ -229,16 +229,14 @@ def write_csv(path: Path, layout: Layout, rows: list[str], columns: list[str],
     return path
 
 
-def draw(path: Path, layout: Layout, rows: list[str], columns: list[str],
-         table: dict[tuple[str, str], Cell]) -> Path:
-    """Grouped bars: one group per column, one bar per row, seed std as error bars, the paper as marks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(layout: Layout, rows: list[str], columns: list[str], table: dict[tuple[str, str], Cell]) -> Any:
+    """Grouped bars: one group per column, one bar per row, seed std as error bars, the paper as marks
+    (a matplotlib Figure, drawn without pyplot)."""
+    from matplotlib.figure import Figure
 
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(columns) * len(rows) + 2.0), 3.8))
+    fig = Figure(figsize=(max(5.0, 0.6 * len(columns) * len(rows) + 2.0), 3.8))
+    ax = fig.subplots()
     for i, row in enumerate(rows):
         xs, means, stds, paper_x, paper_y = [], [], [], [], []
         for j, column in enumerate(columns):
@@ -260,8 +258,12 @@ def draw(path: Path, layout: Layout, rows: list[str], columns: list[str],
     ax.set_title(textwrap.fill(layout.title, 70), fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def draw(path: Path, layout: Layout, rows: list[str], columns: list[str],
+         table: dict[tuple[str, str], Cell]) -> Path:
+    figure(layout, rows, columns, table).savefig(path, dpi=120)
     return path
 
 
