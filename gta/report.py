@@ -5,7 +5,9 @@ experiment file's name (``table4``, ``instant/table4``: every finished run tagge
 sweeps). Runs are placed by their ``row`` / ``column`` tags (set from ``report.row`` / ``report.column``
 of the experiment file) and averaged over seeds; the experiment file's ``report`` node names and orders
 rows and columns and holds the paper's numbers. Without row / column tags, the keys that differ between
-the runs' overrides (seed aside) become the rows and columns.
+the runs' overrides (seed aside) become the rows and columns: the first key heads the rows, each row one
+of its values; the other keys label the columns ``key=value``; with one key (or none) there is a single
+column, headed by the metric.
 
 The table says which labeled images its cells trained on (the runs' ``split/*`` params: family, list, size,
 SHA-1 of labeled.txt), since results on different published lists are not comparable. It is printed,
@@ -22,7 +24,7 @@ import re
 import statistics
 import textwrap
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,15 @@ class Layout:
     metric: str = "val/miou"
     metrics: dict[str, str] = field(default_factory=dict)
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: what the rows are (the table's top-left cell, the chart legend's title) and the columns (the
+    #: chart's x axis); named for sweeps without an experiment file (named_axes), empty for tables
+    row_header: str = ""
+    column_axis: str = ""
+
+    @property
+    def measured(self) -> str:
+        """The metric keys the cells average, as the caption names them."""
+        return ", ".join(self.metrics.values()) or self.metric
 
     @classmethod
     def from_config(cls, report: DictConfig | Mapping | None, fallback_title: str = "Sweep") -> Layout:
@@ -107,22 +118,40 @@ def varying_keys(runs: list[Any]) -> list[str]:
     return [k for k in keys if len({o.get(k) for o in parsed}) > 1]
 
 
+def oldest_first(runs: list[Any]) -> list[Any]:
+    return sorted(runs, key=lambda r: r.info.start_time or 0)
+
+
+def finished(runs: list[Any]) -> list[Any]:
+    """The finished runs, oldest first."""
+    return [r for r in oldest_first(runs) if r.info.status == "FINISHED"]
+
+
+def named_axes(layout: Layout, runs: list[Any]) -> Layout:
+    """The layout of a sweep whose runs carry no row / column tags, with rows and columns named after the
+    keys that vary (results places the runs by them); a table's layout as it is."""
+    done = finished(runs)
+    if any(r.data.tags.get("row") or r.data.tags.get("column") for r in done):
+        return layout
+    axes = varying_keys(done)
+    if len(axes) > 1:
+        return replace(layout, row_header=axes[0], column_axis=", ".join(axes[1:]))
+    return replace(layout, row_header=axes[0] if axes else "", column_axis=layout.measured,
+                   columns={NO_COLUMN: layout.measured, **layout.columns})
+
+
 def results(runs: list[Any], layout: Layout) -> tuple[list[Result], list[str]]:
     """Each finished run's numbers placed in the table, the latest run of a (row, column, seed) winning;
     and a note for each run left out."""
-    notes = []
-    finished = []
-    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
-        if run.info.status != "FINISHED":
-            notes.append(f"run {run.info.run_id} is {run.info.status}: left out")
-        else:
-            finished.append(run)
-    axes = varying_keys(finished)
+    notes = [f"run {r.info.run_id} is {r.info.status}: left out"
+             for r in oldest_first(runs) if r.info.status != "FINISHED"]
+    done = finished(runs)
+    axes = varying_keys(done)
     placed: dict[tuple[str, str, str], Result] = {}
-    for run in finished:
+    for run in done:
         tags = run.data.tags
         overrides = parse_overrides(tags.get("overrides", ""))
-        row = tags.get("row") or (f"{axes[0]}={overrides.get(axes[0])}" if axes else "run")
+        row = tags.get("row") or (str(overrides.get(axes[0])) if axes else "run")
         column = tags.get("column") or (
             " ".join(f"{k}={overrides.get(k)}" for k in axes[1:]) if len(axes) > 1 else NO_COLUMN
         )
@@ -182,13 +211,13 @@ def format_split(split: tuple[str, ...]) -> str:
 
 def markdown(layout: Layout, rows: list[str], columns: list[str], table: dict[tuple[str, str], Cell]) -> str:
     with_paper = [c for c in columns if any(layout.paper.get(r, {}).get(c) is not None for r in rows)]
-    header = ["", *(h for c in columns for h in
-                    ([layout.columns.get(c, c)] + (["paper"] if c in with_paper else [])))]
+    header = [layout.row_header, *(h for c in columns for h in
+                                   ([layout.columns.get(c, c)] + (["paper"] if c in with_paper else [])))]
     lines = [
         f"## {layout.title}",
         "",
-        f"mIoU (%) of `{', '.join(layout.metrics.values()) or layout.metric}`: mean ± sample std over seeds "
-        "(n runs); paper: the paper's value (ALGORITHM.md §6).",
+        f"mIoU (%) of `{layout.measured}`: mean ± sample std over seeds (n runs); paper: the paper's value "
+        "(ALGORITHM.md §6).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -253,10 +282,14 @@ def figure(layout: Layout, rows: list[str], columns: list[str], table: dict[tupl
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=layout.rows.get(row, row))
         ax.plot(paper_x, paper_y, "k_", markersize=12, markeredgewidth=2)
     ax.plot([], [], "k_", markersize=12, markeredgewidth=2, label="paper")
-    ax.set_xticks(range(len(columns)), [layout.columns.get(c, c) for c in columns])
+    if columns == [NO_COLUMN]:
+        ax.set_xticks([])  # the one group needs no tick: the axis label says what it shows
+    else:
+        ax.set_xticks(range(len(columns)), [layout.columns.get(c, c) for c in columns])
+    ax.set_xlabel(layout.column_axis)
     ax.set_ylabel("mIoU (%)")
     ax.set_title(textwrap.fill(layout.title, 70), fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right", title=layout.row_header or None, title_fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -359,19 +392,20 @@ class Report:
 
 def report(source: str, out_dir: str | Path | None = None, tracking_uri: str | None = None) -> Report:
     found = locate(source, tracking_uri)
-    placed, notes = results(found.runs, found.layout)
+    layout = named_axes(found.layout, found.runs)
+    placed, notes = results(found.runs, layout)
     if not placed:
         raise LookupError(f"no finished runs with results for {source}" + "".join(f"\n  {n}" for n in notes))
-    rows, columns, table = cells(placed, found.layout)
-    text = markdown(found.layout, rows, columns, table)
+    rows, columns, table = cells(placed, layout)
+    text = markdown(layout, rows, columns, table)
     if out_dir is None and found.sweep_dir is not None and found.sweep_dir.is_dir():
         out_dir = found.sweep_dir / "report"
     out = Path(out_dir or Path("reports") / found.name.replace("/", "_"))
     out.mkdir(parents=True, exist_ok=True)
     md = out / "table.md"
     md.write_text(text)
-    files = [md, write_csv(out / "table.csv", found.layout, rows, columns, table),
-             draw(out / "table.png", found.layout, rows, columns, table)]
+    files = [md, write_csv(out / "table.csv", layout, rows, columns, table),
+             draw(out / "table.png", layout, rows, columns, table)]
     if found.parent_id is not None:
         for path in files:
             found.client.log_artifact(found.parent_id, str(path), "report")

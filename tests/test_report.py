@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gta.report import Layout, cells, markdown, results, varying_keys, write_csv
+from gta.report import Layout, cells, draw, figure, markdown, named_axes, results, varying_keys, write_csv
 
 
 def run(row=None, column=None, seed=0, miou=0.5, status="FINISHED", start=0, overrides="", params=None,
@@ -20,6 +20,14 @@ def run(row=None, column=None, seed=0, miou=0.5, status="FINISHED", start=0, ove
         info=SimpleNamespace(run_id=f"r{row}{column}{seed}{start}", status=status, start_time=start),
         data=SimpleNamespace(tags=tags, metrics={"val/miou": miou, **metrics}, params=params or {}),
     )
+
+
+def chart(layout, rows, columns, table):
+    """What the chart says: legend title and entries, x-axis label and tick labels."""
+    (ax,) = figure(layout, rows, columns, table).axes
+    legend = ax.get_legend()
+    return (legend.get_title().get_text(), [t.get_text() for t in legend.get_texts()], ax.get_xlabel(),
+            [t.get_text() for t in ax.get_xticklabels()])
 
 
 def split(family, name, sha1):
@@ -42,8 +50,12 @@ def test_mean_and_sample_std_over_seeds_with_paper_values():
     assert cell.mean == pytest.approx(72.0) and cell.std == pytest.approx(2.0) and cell.n == 3
     assert cell.paper == 70.02 and math.isnan(table[("gta", "183")].std)
     text = markdown(LAYOUT, rows, columns, table)
+    assert "|  | 92 | paper | 183 | paper |" in text
     assert "| GTA-Seg | 72.00 ± 2.00 (n=3) | 70.02 | 73.00 (n=1) | 73.16 |" in text
     assert "| SupOnly | 40.00 (n=1) |  |  |  |" in text
+    # a table keeps its tags' layout: named_axes leaves it alone
+    assert named_axes(LAYOUT, runs) is LAYOUT
+    assert chart(LAYOUT, rows, columns, table) == ("", ["paper", "SupOnly", "GTA-Seg"], "", ["92", "183"])
 
 
 def test_unfinished_runs_are_left_out_and_the_latest_rerun_wins():
@@ -64,13 +76,40 @@ def test_one_row_per_metric():
 
 
 def test_without_row_tags_the_varying_overrides_are_the_axes():
+    """The first varying key heads the rows, the others label the columns key=value."""
     runs = [run(seed=s, overrides=f"split=4 ema.alpha={a} method.warmup_epochs={w} seed={s}")
             for a in ("0.9", "0.99") for w in ("0", "1") for s in (0, 1)]
     assert varying_keys(runs) == ["ema.alpha", "method.warmup_epochs"]
-    rows, columns, table = cells(results(runs, Layout())[0], Layout())
-    assert rows == ["ema.alpha=0.9", "ema.alpha=0.99"]
+    layout = named_axes(Layout(), runs)
+    rows, columns, table = cells(results(runs, layout)[0], layout)
+    assert rows == ["0.9", "0.99"]
     assert columns == ["method.warmup_epochs=0", "method.warmup_epochs=1"]
     assert all(cell.n == 2 for cell in table.values())
+    text = markdown(layout, rows, columns, table)
+    assert "| ema.alpha | method.warmup_epochs=0 | method.warmup_epochs=1 |" in text
+    assert "| 0.99 | 50.00 ± 0.00 (n=2) | 50.00 ± 0.00 (n=2) |" in text
+    assert chart(layout, rows, columns, table) == (
+        "ema.alpha", ["paper", "0.9", "0.99"], "method.warmup_epochs", ["method.warmup_epochs=0", "method.warmup_epochs=1"])
+
+
+def test_a_sweep_of_one_key_has_one_column_named_by_the_metric(tmp_path):
+    """`--multirun method=suponly,gta seed=0,1` without an experiment file: a row per method under the
+    header `method`, one column headed `val/miou`, not `-`."""
+    runs = [run(seed=s, miou=v + s / 100, overrides=f"split=4 method={m} seed={s}")
+            for m, v in (("suponly", 0.4), ("gta", 0.6)) for s in (0, 1)]
+    layout = named_axes(Layout(title="12-00-00"), runs)
+    rows, columns, table = cells(results(runs, layout)[0], layout)
+    assert rows == ["gta", "suponly"]
+    text = markdown(layout, rows, columns, table)
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert lines[0] == "| method | val/miou |"
+    assert lines[2:] == ["| gta | 60.50 ± 0.71 (n=2) |", "| suponly | 40.50 ± 0.71 (n=2) |"]
+    assert "-" not in lines[0]
+    with write_csv(tmp_path / "table.csv", layout, rows, columns, table).open() as f:
+        assert {r["column_label"] for r in csv.DictReader(f)} == {"val/miou"}
+    assert chart(layout, rows, columns, table) == ("method", ["paper", "gta", "suponly"], "val/miou", [])
+    png = draw(tmp_path / "table.png", layout, rows, columns, table)
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_labeled_lists_of_the_runs_are_named(tmp_path):
