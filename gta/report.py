@@ -213,11 +213,11 @@ def markdown(layout: Layout, rows: list[str], columns: list[str], table: dict[tu
     with_paper = [c for c in columns if any(layout.paper.get(r, {}).get(c) is not None for r in rows)]
     header = [layout.row_header, *(h for c in columns for h in
                                    ([layout.columns.get(c, c)] + (["paper"] if c in with_paper else [])))]
+    paper = "; paper: the paper's value (the experiment file's `report.paper`)" if with_paper else ""
     lines = [
         f"## {layout.title}",
         "",
-        f"mIoU (%) of `{layout.measured}`: mean ± sample std over seeds (n runs); paper: the paper's value "
-        "(ALGORITHM.md §6).",
+        f"mIoU (%) of `{layout.measured}`: mean ± sample std over seeds (n runs){paper}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -281,7 +281,8 @@ def figure(layout: Layout, rows: list[str], columns: list[str], table: dict[tupl
                 paper_y.append(cell.paper)
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=layout.rows.get(row, row))
         ax.plot(paper_x, paper_y, "k_", markersize=12, markeredgewidth=2)
-    ax.plot([], [], "k_", markersize=12, markeredgewidth=2, label="paper")
+    if any(cell.paper is not None for cell in table.values()):
+        ax.plot([], [], "k_", markersize=12, markeredgewidth=2, label="paper")
     if columns == [NO_COLUMN]:
         ax.set_xticks([])  # the one group needs no tick: the axis label says what it shows
     else:

@@ -53,6 +53,7 @@ def test_mean_and_sample_std_over_seeds_with_paper_values():
     assert "|  | 92 | paper | 183 | paper |" in text
     assert "| GTA-Seg | 72.00 ± 2.00 (n=3) | 70.02 | 73.00 (n=1) | 73.16 |" in text
     assert "| SupOnly | 40.00 (n=1) |  |  |  |" in text
+    assert "; paper: the paper's value (the experiment file's `report.paper`)." in text
     # a table keeps its tags' layout: named_axes leaves it alone
     assert named_axes(LAYOUT, runs) is LAYOUT
     assert chart(LAYOUT, rows, columns, table) == ("", ["paper", "SupOnly", "GTA-Seg"], "", ["92", "183"])
@@ -89,12 +90,12 @@ def test_without_row_tags_the_varying_overrides_are_the_axes():
     assert "| ema.alpha | method.warmup_epochs=0 | method.warmup_epochs=1 |" in text
     assert "| 0.99 | 50.00 ± 0.00 (n=2) | 50.00 ± 0.00 (n=2) |" in text
     assert chart(layout, rows, columns, table) == (
-        "ema.alpha", ["paper", "0.9", "0.99"], "method.warmup_epochs", ["method.warmup_epochs=0", "method.warmup_epochs=1"])
+        "ema.alpha", ["0.9", "0.99"], "method.warmup_epochs", ["method.warmup_epochs=0", "method.warmup_epochs=1"])
 
 
 def test_a_sweep_of_one_key_has_one_column_named_by_the_metric(tmp_path):
     """`--multirun method=suponly,gta seed=0,1` without an experiment file: a row per method under the
-    header `method`, one column headed `val/miou`, not `-`."""
+    header `method`, one column headed `val/miou`; no `-`, and no paper anywhere, since none is known."""
     runs = [run(seed=s, miou=v + s / 100, overrides=f"split=4 method={m} seed={s}")
             for m, v in (("suponly", 0.4), ("gta", 0.6)) for s in (0, 1)]
     layout = named_axes(Layout(title="12-00-00"), runs)
@@ -104,10 +105,10 @@ def test_a_sweep_of_one_key_has_one_column_named_by_the_metric(tmp_path):
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert lines[0] == "| method | val/miou |"
     assert lines[2:] == ["| gta | 60.50 ± 0.71 (n=2) |", "| suponly | 40.50 ± 0.71 (n=2) |"]
-    assert "-" not in lines[0]
+    assert "-" not in lines[0] and "paper" not in text
     with write_csv(tmp_path / "table.csv", layout, rows, columns, table).open() as f:
         assert {r["column_label"] for r in csv.DictReader(f)} == {"val/miou"}
-    assert chart(layout, rows, columns, table) == ("method", ["paper", "gta", "suponly"], "val/miou", [])
+    assert chart(layout, rows, columns, table) == ("method", ["gta", "suponly"], "val/miou", [])
     png = draw(tmp_path / "table.png", layout, rows, columns, table)
     assert png.read_bytes().startswith(b"\x89PNG")
 
