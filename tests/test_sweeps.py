@@ -165,6 +165,24 @@ def test_report_of_the_grid(grid, tmp_path):
 
 
 @pytest.mark.slow
+def test_report_of_a_sweep_without_experiment_file(tmp_path):
+    """`--multirun method=suponly,gta seed=0,1` without an experiment file: the report names its rows after
+    the key that varies and its one column after the metric, and shows no paper it does not have."""
+    store = path_to_local_sqlite_uri(tmp_path / "mlflow.db")
+    sweep = tmp_path / "sweep"
+    gta("train", "--multirun", *tiny(tmp_path / "data"), f"hydra.sweep.dir={sweep}",
+        f"logger.tracking_uri={store}", "method=suponly,gta", "seed=0,1")
+    out = gta("report", str(sweep)).stdout
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert lines[0] == "| method | val/miou |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["gta", "suponly"]
+    assert all("(n=2)" in line for line in lines[2:])
+    assert "paper" not in out
+    assert sorted(p.name for p in (sweep / "report").iterdir()) == ["table.csv", "table.md", "table.png"]
+    assert (sweep / "report" / "table.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
 def test_rerunning_a_sweep_skips_finished_jobs(tmp_path):
     """Into the same sweep dir: finished jobs are skipped, unfinished ones run, runs join the same parent."""
     store = path_to_local_sqlite_uri(tmp_path / "mlflow.db")
