@@ -18,7 +18,7 @@ from gta.engine.runtime import configure_cuda, ensure_writable, seed_everything
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import BAD_SAMPLES, Trainer
-from gta.errors import ConfigError, MissingPathError
+from gta.errors import MissingPathError
 from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import parent_for_job, run_tags, sweep_dir_of_job, uses_mlflow
 

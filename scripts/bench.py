@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gta.config import PROJECT_ROOT
+from gta.contract import Batch, Method, Progress, Update
 from gta.data import Loaders, SegmentationFolder, build_loaders, select_split
 from gta.engine.evaluate import EvalProtocol
 from gta.engine.runtime import configure_cuda, resolve_device
 from gta.engine.trainer import Trainer
 from gta.methods import GTASeg
-from gta.methods.base import Batch, Method, Progress, Update
 from gta.methods.ema import EMA, ema_model_
 from gta.methods.reweight import Confidence
 from gta.models import Segmenter
@@ -146,7 +146,7 @@ def hand_loop(method: Method, made, device: torch.device, iters: int, warm: int)
         (image, mask), (unlabeled, padding) = made[it % len(made)]
         to = partial(torch.Tensor.to, device=device, non_blocking=True)
         batch = Batch(to(image), to(mask), *((to(unlabeled), to(padding)) if method.uses_unlabeled else ()))
-        method.training_step(batch, Progress(it, len(made), iters), update)
+        method.training_step(batch, Progress(it, len(made)), update)
     sync(device)
     return (time.perf_counter() - started) / (iters - warm)
 
@@ -316,7 +316,7 @@ def count_step_flops(model: Callable[[], torch.nn.Module], made, device: torch.d
     (image, mask), (unlabeled, padding) = made[0]
     batch = Batch(*(t.to(device) for t in (image, mask, unlabeled, padding)))
     with FlopCounterMode(display=False) as counter:
-        method.training_step(batch, Progress(0, 1, 1), update)
+        method.training_step(batch, Progress(0, 1), update)
     return float(counter.get_total_flops())
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from gta.contract import Batch, Method, Progress
 from gta.engine.checkpoint import (
     FORMAT,
     Checkpointer,
@@ -36,7 +37,6 @@ from gta.engine.schedule import poly_factor, set_lr
 from gta.engine.signals import StopSignals, TrainingInterrupted
 from gta.engine.snapshots import Snapshots
 from gta.errors import ConfigError, UserError
-from gta.methods.base import Batch, Method, Progress
 from gta.tracking import Logger, NullLogger
 
 
@@ -167,7 +167,7 @@ class Trainer:
         report = ProgressReport(self.start_iter, self.total_iters, self.log_every, mode)
         for it in range(self.start_iter, self.total_iters):
             self._iteration = it + 1
-            progress = Progress(it, self.loaders.iters_per_epoch, self.total_iters)
+            progress = Progress(it, self.loaders.iters_per_epoch)
             factor = poly_factor(it, self.total_iters, self.poly_power)
             for name, opt in self.optimizers.items():
                 set_lr(opt, factor if self.method.scheduled(name) else 1.0)
