@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,12 +20,12 @@ from gta.data.sampler import derive_seed
 from gta.engine import distributed
 from gta.engine.checkpoint import LAST, load_checkpoint
 from gta.engine.runtime import configure_cuda, ensure_writable, seed_everything
-from gta.engine.signals import TrainingInterrupted
+from gta.engine.signals import STOP_SIGNALS, TrainingInterrupted
 from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import BAD_SAMPLES, Trainer
 from gta.errors import MissingPathError
 from gta.tracking import Logger, NullLogger, flatten_config
-from gta.tracking.sweep import parent_for_job, run_tags, sweep_dir_of_job, uses_mlflow
+from gta.tracking.sweep import SweepParent, parent_for_job, run_tags, sweep_dir_of_job, sweep_tags, uses_mlflow
 
 
 def output_dir() -> Path:
@@ -110,6 +115,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         need_unlabeled=method.uses_unlabeled, rank=dist.rank, world_size=dist.world_size,
         pin_memory=device.type == "cuda", val_batch_size=cfg.data.val_batch_size,
         prefetch_factor=cfg.data.prefetch_factor, on_bad_sample=cfg.data.on_bad_sample,
+        ignored_signals=STOP_SIGNALS,
     )
 
     # Only rank 0 logs and writes the run's files.
@@ -185,3 +191,84 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     print(f"  run files  {run_dir}")
     print(f"  logged to  {logger.location}")
     return result.miou[method.reported]
+
+
+# --- the Hydra callbacks of the train command (conf/train.yaml: hydra.callbacks) -------------------------
+class SweepParentRun(Callback):
+    """A ``--multirun`` opens one MLflow parent run, under which every job's run nests (gta/tracking/sweep.py):
+    opened when the multirun starts, closed when it ends.
+
+    A sweep that stops on a failed job never reaches ``on_multirun_end``; the parent is then closed
+    as FAILED when the launching process exits.
+    """
+
+    def __init__(self) -> None:
+        self._parent: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Launchers pickle the callbacks to the jobs; the open parent stays in the launching process.
+        return {**self.__dict__, "_parent": None}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Under torchrun every process runs the sweep; rank 0 opens the parent, the others log nothing.
+        if not uses_mlflow(config) or int(os.environ.get("RANK", 0)) != 0:
+            return
+        from gta.tracking.mlflow import MLflowLogger, resolve_tracking_uri
+
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        uri = resolve_tracking_uri(config.logger.tracking_uri)
+        previous = SweepParent.read(sweep_dir)
+        overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        if previous is not None and previous.tracking_uri == uri:
+            # The same sweep again (resuming): its jobs join the runs already under this parent.
+            logger = MLflowLogger(uri, run_id=previous.run_id, fallback_dir=sweep_dir)
+        else:
+            table = OmegaConf.select(config, "report.table")
+            experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment")
+            tags = sweep_tags(config, overrides, experiment) | {"sweep_dir": str(sweep_dir)}
+            logger = MLflowLogger(
+                uri, experiment_name=config.logger.experiment_name, fallback_dir=sweep_dir,
+                run_name=f"{table or 'sweep'} {sweep_dir.name}", tags=tags,
+            )
+        SweepParent(logger.tracking_uri, logger.experiment_id, logger.run_id).write(sweep_dir)
+        self._parent = logger
+        atexit.register(self._close, "FAILED")
+        print(f"[sweep] parent {logger.location}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._parent is not None:
+            multirun = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+            if multirun.is_file():
+                self._parent.log_artifact(multirun)
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
+        if self._parent is not None:
+            self._parent.close(status)
+            self._parent = None
+
+
+class SharedStartTime(Callback):
+    """One run directory for all processes of a torchrun launch (gta/engine/distributed.py).
+
+    Every process composes the config itself, so Hydra's ``${now:...}`` in ``hydra.run.dir`` and
+    ``hydra.sweep.dir`` would take each process's own start time, and processes that start a second
+    apart would write into different directories. This makes ``now`` rank 0's start time everywhere,
+    before Hydra creates the directory. (Tasks of a submitit job receive the launcher's config, already
+    resolved, and need nothing.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _share_start_time(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _share_start_time(config, "hydra.sweep.dir")
+
+
+def _share_start_time(config: DictConfig, key: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return
+    start: datetime = distributed.setup(str(config.device)).broadcast_object(datetime.now())
+    OmegaConf.register_new_resolver("now", lambda pattern: start.strftime(pattern), use_cache=True, replace=True)
+    # Resolving caches the value in this config; a sweep's job configs copy that cache (Hydra's
+    # load_sweep_config), so they keep rank 0's time after Hydra registers its own resolver again.
+    OmegaConf.select(config, key)
