@@ -17,6 +17,8 @@ from omegaconf import MISSING, OmegaConf
 
 #: The checkout that holds the package and conf/: default home of data and the MLflow store.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: The Hydra config tree, beside the package (a cloned or editable checkout).
+CONF_DIR = str(PROJECT_ROOT / "conf")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
