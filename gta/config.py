@@ -243,8 +243,8 @@ class TrainerConfig:
     #: data-parallel runs: BatchNorm normalises with the statistics of the global batch (CUDA only)
     sync_bn: bool = False
     #: data-parallel runs: check every N iterations (and at the end) that all ranks hold identical models
-    #: (0: never); by default whenever the run evaluates
-    check_sync_every: int = "${trainer.eval_every}"  # type: ignore[assignment]
+    #: (0: never; null: whenever the run evaluates)
+    check_sync_every: int | None = None
     #: "fp32", "bf16" or "fp16" (autocast; fp16 also scales the losses): gta/engine/precision.py
     precision: str = "fp32"
     #: models and input batches in the channels_last memory layout

@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gta.config import PROJECT_ROOT
+from gta.config import PROJECT_ROOT, TrainerConfig
 from gta.contract import Batch, Method, Progress, Update
 from gta.data import Loaders, SegmentationFolder, build_loaders, select_split
-from gta.engine.evaluate import EvalProtocol
+from gta.engine.distributed import Distributed
+from gta.engine.evaluate import EvalProtocol, Validation
 from gta.engine.runtime import configure_cuda, resolve_device
 from gta.engine.trainer import Trainer
 from gta.methods import GTASeg
@@ -102,12 +103,13 @@ def in_memory_loaders(made: list[list[tuple]]) -> Loaders:
 
 def make_trainer(method, made, classes: int, device, run_dir: Path, iters: int, log_every: int, **options) -> Trainer:
     """A Trainer that evaluates and checkpoints only after its last iteration (outside the timed span)."""
+    loaders = in_memory_loaders(made)
+    config = TrainerConfig(**{"iters": iters, "epochs": 1, "eval_every": 0, "log_every": log_every,
+                              "decoder_lr_mult": 1.0, "checkpoint_every": 0, **options})
+    validation = Validation(loaders.val, EvalProtocol(), classes, 255, [str(c) for c in range(classes)])
     return Trainer(
-        method, in_memory_loaders(made), partial(torch.optim.SGD, lr=0.001, momentum=0.9), iters=iters, epochs=1,
-        eval_every=0, log_every=log_every, decoder_lr_mult=1.0, poly_power=0.9, device=device,
-        eval_protocol=EvalProtocol(), num_classes=classes, ignore_index=255,
-        class_names=[str(c) for c in range(classes)], run_dir=run_dir, logger=Clock(), checkpoint_every=0,
-        **options,
+        config, method, loaders, partial(torch.optim.SGD, lr=0.001, momentum=0.9), validation, run_dir,
+        logger=Clock(), dist=Distributed(device=device),
     )
 
 
