@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 #: The checkout that holds the package and conf/: default home of data and the MLflow store.
@@ -313,7 +312,7 @@ class ReportConfig:
     metric: str = "val/miou"
     #: one row per metric of each run instead of ``row`` (Table 6: {label: metric key})
     metrics: dict[str, str] = field(default_factory=dict)
-    #: the paper's numbers (ALGORITHM.md §6) by row key, then column key
+    #: the paper's numbers for the table by row key, then column key
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -425,6 +424,8 @@ def register_configs() -> None:
     options differ in shape (dataset, method, reweight, logger) name their schema in each YAML file."""
     if not OmegaConf.has_resolver("gta_root"):
         OmegaConf.register_new_resolver("gta_root", lambda: str(PROJECT_ROOT))
+    from hydra.core.config_store import ConfigStore  # here: the engine reads the schema without Hydra
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalCommandConfig)

@@ -201,6 +201,8 @@ def summary(trainer: Trainer, source, split, logger: Logger) -> str:
                      f"{trainer.bad_samples.path}")
     lines.append(f"  run files  {trainer.run_dir}")
     lines.append(f"  logged to  {logger.location}")
+    if logger.ui_hint:
+        lines.append(f"  browse     {logger.ui_hint}")
     return "\n".join(lines)
 
 

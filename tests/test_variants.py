@@ -1,4 +1,4 @@
-"""The ablation variants of ALGORITHM.md §3 as config options: Unbiased ST, Table 7 data routing,
+"""The ablation variants of docs/algorithm.md §4 as config options: Unbiased ST, Table 7 data routing,
 warm-up length, transmission scope and re-weighting, each composed from the config tree and checked."""
 
 from __future__ import annotations

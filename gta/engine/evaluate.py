@@ -17,7 +17,7 @@ MODES = ("whole", "center_crop", "sliding")
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    """How a validation image is fed to the network (ALGORITHM.md §4: VOC center crop, Cityscapes sliding),
+    """How a validation image is fed to the network (docs/algorithm.md §6: VOC center crop, Cityscapes sliding),
     and which of a method's models are evaluated during training."""
 
     mode: str = "whole"
@@ -26,7 +26,7 @@ class EvalProtocol:
     #: "reported", "all" (Table 6: teacher, student and assistant) or a list of model names
     models: str | Sequence[str] = "reported"
     #: center_crop only: pad images smaller than the crop to ``crop_size``, the padding labelled with this
-    #: class, so that it counts in the confusion matrix (the released code's VOC validation: ALGORITHM.md
+    #: class, so that it counts in the confusion matrix (the released code's VOC validation: docs/algorithm.md
     #: §5.8); None evaluates the (smaller) image as it is
     pad_label: int | None = None
 
