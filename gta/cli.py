@@ -12,18 +12,14 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig
 
-from gta.config import register_configs
+from gta.config import CONF_DIR, register_configs
 from gta.errors import UserError
-
-#: The config tree ships beside the package (a cloned or editable checkout).
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
 

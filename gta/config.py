@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 #: The checkout that holds the package and conf/: default home of data and the MLflow store.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: The Hydra config tree, beside the package (a cloned or editable checkout).
+CONF_DIR = str(PROJECT_ROOT / "conf")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -241,8 +242,8 @@ class TrainerConfig:
     #: data-parallel runs: BatchNorm normalises with the statistics of the global batch (CUDA only)
     sync_bn: bool = False
     #: data-parallel runs: check every N iterations (and at the end) that all ranks hold identical models
-    #: (0: never); by default whenever the run evaluates
-    check_sync_every: int = "${trainer.eval_every}"  # type: ignore[assignment]
+    #: (0: never; null: whenever the run evaluates)
+    check_sync_every: int | None = None
     #: "fp32", "bf16" or "fp16" (autocast; fp16 also scales the losses): gta/engine/precision.py
     precision: str = "fp32"
     #: models and input batches in the channels_last memory layout
@@ -311,7 +312,7 @@ class ReportConfig:
     metric: str = "val/miou"
     #: one row per metric of each run instead of ``row`` (Table 6: {label: metric key})
     metrics: dict[str, str] = field(default_factory=dict)
-    #: the paper's numbers (ALGORITHM.md §6) by row key, then column key
+    #: the paper's numbers for the table by row key, then column key
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -423,6 +424,8 @@ def register_configs() -> None:
     options differ in shape (dataset, method, reweight, logger) name their schema in each YAML file."""
     if not OmegaConf.has_resolver("gta_root"):
         OmegaConf.register_new_resolver("gta_root", lambda: str(PROJECT_ROOT))
+    from hydra.core.config_store import ConfigStore  # here: the engine reads the schema without Hydra
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalCommandConfig)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from gta.errors import ConfigError
-from gta.eval import load_model
+from gta.saved import load_model
 
 FORMATS = ("torchscript", "onnx")
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from gta.data import eval_transform
 from gta.engine.runtime import resolve_device
 from gta.errors import ConfigError, DataError, MissingPathError
-from gta.eval import load_model
+from gta.saved import load_model
 from gta.visualize import colorize, overlay
 
 

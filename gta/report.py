@@ -337,7 +337,7 @@ def layout_of_sweep(sweep_dir: Path | None) -> Layout | None:
 def layout_of_experiment(name: str) -> Layout:
     from hydra import compose, initialize_config_dir
 
-    from gta.cli import CONF_DIR
+    from gta.config import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={name}"])

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,13 +19,14 @@ from gta.data import build_loaders, select_split, split_params, write_split
 from gta.data.sampler import derive_seed
 from gta.engine import distributed
 from gta.engine.checkpoint import LAST, load_checkpoint
+from gta.engine.evaluate import Validation
 from gta.engine.runtime import configure_cuda, ensure_writable, seed_everything
-from gta.engine.signals import TrainingInterrupted
+from gta.engine.signals import STOP_SIGNALS, TrainingInterrupted
 from gta.engine.snapshots import Snapshots
-from gta.engine.trainer import BAD_SAMPLES, Trainer
-from gta.errors import ConfigError, MissingPathError
+from gta.engine.trainer import Trainer
+from gta.errors import MissingPathError
 from gta.tracking import Logger, NullLogger, flatten_config
-from gta.tracking.sweep import parent_for_job, run_tags, sweep_dir_of_job, uses_mlflow
+from gta.tracking.sweep import SweepParent, parent_for_job, run_tags, sweep_dir_of_job, sweep_tags, uses_mlflow
 
 
 def output_dir() -> Path:
@@ -82,6 +88,30 @@ def snapshots(cfg: DictConfig, source, val, logger) -> Snapshots | None:
     )
 
 
+def open_logger(cfg: DictConfig, dist, run_dir: Path, name: str, state: dict | None) -> Logger:
+    """The run's tracking (rank 0 alone logs); on resume it continues the checkpoint's tracking run, so one
+    run holds the whole history, and in a sweep it nests under the sweep's parent run."""
+    if not dist.is_main:
+        return NullLogger()
+    defaults = {"run_name": name, "fallback_dir": str(run_dir), "run_id": state["run_id"] if state else None}
+    sweep_dir = sweep_dir_of_job()
+    if sweep_dir is not None and uses_mlflow(cfg):
+        defaults["parent_run_id"] = parent_for_job(sweep_dir, cfg.logger.tracking_uri)
+    return instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
+
+
+def record_run(cfg: DictConfig, logger: Logger, run_dir: Path, split, overrides: list[str]) -> None:
+    """Tags, params, the resolved config and the split lists, in the run directory and the tracking run."""
+    logger.set_tags(run_tags(cfg, overrides, experiment_file()))
+    # report.* is where the run sits in a table: tags above, not hyper-parameters
+    logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}) | split_params(split))
+    resolved = run_dir / "config.yaml"
+    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger.log_artifact(resolved)
+    for path in write_split(split, run_dir / "split"):
+        logger.log_artifact(path, artifact_path="split")
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     # One of several processes under torchrun or in a multi-task SLURM job: data-parallel training
     dist = distributed.setup(cfg.device)
@@ -96,8 +126,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
             print(f"{run_dir} finished before ({RESULT_FILE}): skipped; delete that file to train it again")
         return done
     state = load_checkpoint(checkpoint) if checkpoint else None  # a bad file fails before any work
-    device = dist.device
-    configure_cuda(device, cudnn_benchmark=cfg.trainer.cudnn_benchmark)
+    configure_cuda(dist.device, cudnn_benchmark=cfg.trainer.cudnn_benchmark)
     # Each rank draws its own CutMix boxes and dropout masks; rank 0 keeps the seed, so a single process
     # trains as it always did. (The models start from rank 0's weights whatever the seed.)
     seed_everything(cfg.seed if dist.is_main else derive_seed(cfg.seed, dist.rank))
@@ -108,42 +137,21 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     loaders = build_loaders(
         source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
         need_unlabeled=method.uses_unlabeled, rank=dist.rank, world_size=dist.world_size,
-        pin_memory=device.type == "cuda", val_batch_size=cfg.data.val_batch_size,
+        pin_memory=dist.device.type == "cuda", val_batch_size=cfg.data.val_batch_size,
         prefetch_factor=cfg.data.prefetch_factor, on_bad_sample=cfg.data.on_bad_sample,
+        ignored_signals=STOP_SIGNALS,
     )
-
-    # Only rank 0 logs and writes the run's files.
-    logger: Logger = NullLogger()
-    if dist.is_main:
-        name = f"{type(method).__name__}-{type(source).__name__}-split{cfg.split}-seed{cfg.seed}"
-        # On resume the checkpoint's tracking run continues, so one run holds the whole history.
-        defaults = {"run_name": name, "fallback_dir": str(run_dir), "run_id": state["run_id"] if state else None}
-        sweep_dir = sweep_dir_of_job()
-        if sweep_dir is not None and uses_mlflow(cfg):
-            defaults["parent_run_id"] = parent_for_job(sweep_dir, cfg.logger.tracking_uri)
-        logger = instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
+    validation = Validation(
+        loaders.val, instantiate(cfg.eval), source.num_classes, source.ignore_index, list(source.class_names)
+    )
+    name = f"{type(method).__name__}-{type(source).__name__}-split{cfg.split}-seed{cfg.seed}"
+    logger = open_logger(cfg, dist, run_dir, name, state)
     try:
         if dist.is_main:
-            logger.set_tags(run_tags(cfg, overrides, experiment_file()))
-            # report.* is where the run sits in a table: tags above, not hyper-parameters
-            logger.log_params(flatten_config({k: v for k, v in cfg.items() if k != "report"}) | split_params(split))
-            resolved = run_dir / "config.yaml"
-            resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            logger.log_artifact(resolved)
-            for path in write_split(split, run_dir / "split"):
-                logger.log_artifact(path, artifact_path="split")
-
+            record_run(cfg, logger, run_dir, split, overrides)
         trainer = Trainer(
-            method, loaders, instantiate(cfg.optimizer),
-            iters=cfg.trainer.iters, epochs=cfg.trainer.epochs, eval_every=cfg.trainer.eval_every,
-            log_every=cfg.trainer.log_every, decoder_lr_mult=cfg.trainer.decoder_lr_mult,
-            poly_power=cfg.trainer.poly_power, device=device, eval_protocol=instantiate(cfg.eval),
-            num_classes=source.num_classes, ignore_index=source.ignore_index,
-            class_names=list(source.class_names), run_dir=run_dir, logger=logger,
-            checkpoint_every=cfg.trainer.checkpoint_every, on_nonfinite=cfg.trainer.on_nonfinite,
-            progress=cfg.trainer.progress, snapshots=snapshots(cfg, source, loaders.val.items, logger),
-            dist=dist, sync_bn=cfg.trainer.sync_bn, check_sync_every=cfg.trainer.check_sync_every,
-            precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
+            OmegaConf.to_object(cfg.trainer), method, loaders, instantiate(cfg.optimizer), validation, run_dir,
+            logger=logger, dist=dist, snapshots=snapshots(cfg, source, loaders.val.items, logger),
         )
         if state is not None:
             trainer.resume(state, checkpoint)
@@ -153,8 +161,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         result = trainer.fit()
         if dist.is_main:
             logger.log_artifact(trainer.save_reported_model())
-            if trainer.bad_files:
-                logger.log_artifact(run_dir / BAD_SAMPLES)
+            if trainer.bad_samples.files:
+                logger.log_artifact(trainer.bad_samples.path)
     except TrainingInterrupted as stop:
         logger.close("KILLED")
         print(stop, file=sys.stderr)
@@ -166,22 +174,114 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         logger.close("FAILED")
         raise
     logger.close()
-    if not dist.is_main:
-        return result.miou[method.reported]
-    record = {"value": result.miou[method.reported], "reported": method.reported, "miou": result.miou,
-              "overrides": overrides, "run_id": logger.run_id}
-    (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    reported = result.miou[method.reported]
+    if dist.is_main:
+        record = {"value": reported, "reported": method.reported, "miou": result.miou, "overrides": overrides,
+                  "run_id": logger.run_id}
+        (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        print(summary(trainer, source, split, logger))
+    return reported
 
-    print(f"\n{type(method).__name__} on {type(source).__name__}, {len(split.labeled)} labeled ({split.family} "
-          f"{split.name}) / {len(split.unlabeled)} unlabeled images, {trainer.total_iters} iterations on {device}")
+
+def summary(trainer: Trainer, source, split, logger: Logger) -> str:
+    """What a person reads at the end of a run: every model's mIoU, the time, where the files are."""
+    method, result, best = trainer.method, trainer.history[-1], trainer.best
+    lines = [
+        f"\n{type(method).__name__} on {type(source).__name__}, {len(split.labeled)} labeled ({split.family} "
+        f"{split.name}) / {len(split.unlabeled)} unlabeled images, {trainer.total_iters} iterations on "
+        f"{trainer.device}"
+    ]
     for model_name, value in result.miou.items():
         marker = "  <- reported" if model_name == method.reported else ""
-        print(f"  val mIoU {model_name:<9} {value:7.2%}{marker}  (last, step {result.step})")
-    best = trainer.best
-    print(f"  best     {method.reported:<9} {best['miou']:7.2%}  (step {best['step']})")
-    print(f"  wall time {trainer.wall_time:.0f} s")
-    if trainer.bad_files:
-        print(f"  skipped    {len(trainer.bad_files)} unusable sample files, listed in {run_dir / BAD_SAMPLES}")
-    print(f"  run files  {run_dir}")
-    print(f"  logged to  {logger.location}")
-    return result.miou[method.reported]
+        lines.append(f"  val mIoU {model_name:<9} {value:7.2%}{marker}  (last, step {result.step})")
+    lines.append(f"  best     {method.reported:<9} {best['miou']:7.2%}  (step {best['step']})")
+    lines.append(f"  wall time {trainer.wall_time:.0f} s")
+    if trainer.bad_samples.files:
+        lines.append(f"  skipped    {len(trainer.bad_samples.files)} unusable sample files, listed in "
+                     f"{trainer.bad_samples.path}")
+    lines.append(f"  run files  {trainer.run_dir}")
+    lines.append(f"  logged to  {logger.location}")
+    if logger.ui_hint:
+        lines.append(f"  browse     {logger.ui_hint}")
+    return "\n".join(lines)
+
+
+# --- the Hydra callbacks of the train command (conf/train.yaml: hydra.callbacks) -------------------------
+class SweepParentRun(Callback):
+    """A ``--multirun`` opens one MLflow parent run, under which every job's run nests (gta/tracking/sweep.py):
+    opened when the multirun starts, closed when it ends.
+
+    A sweep that stops on a failed job never reaches ``on_multirun_end``; the parent is then closed
+    as FAILED when the launching process exits.
+    """
+
+    def __init__(self) -> None:
+        self._parent: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Launchers pickle the callbacks to the jobs; the open parent stays in the launching process.
+        return {**self.__dict__, "_parent": None}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Under torchrun every process runs the sweep; rank 0 opens the parent, the others log nothing.
+        if not uses_mlflow(config) or int(os.environ.get("RANK", 0)) != 0:
+            return
+        from gta.tracking.mlflow import MLflowLogger, resolve_tracking_uri
+
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        uri = resolve_tracking_uri(config.logger.tracking_uri)
+        previous = SweepParent.read(sweep_dir)
+        overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        if previous is not None and previous.tracking_uri == uri:
+            # The same sweep again (resuming): its jobs join the runs already under this parent.
+            logger = MLflowLogger(uri, run_id=previous.run_id, fallback_dir=sweep_dir)
+        else:
+            table = OmegaConf.select(config, "report.table")
+            experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment")
+            tags = sweep_tags(config, overrides, experiment) | {"sweep_dir": str(sweep_dir)}
+            logger = MLflowLogger(
+                uri, experiment_name=config.logger.experiment_name, fallback_dir=sweep_dir,
+                run_name=f"{table or 'sweep'} {sweep_dir.name}", tags=tags,
+            )
+        SweepParent(logger.tracking_uri, logger.experiment_id, logger.run_id).write(sweep_dir)
+        self._parent = logger
+        atexit.register(self._close, "FAILED")
+        print(f"[sweep] parent {logger.location}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._parent is not None:
+            multirun = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+            if multirun.is_file():
+                self._parent.log_artifact(multirun)
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
+        if self._parent is not None:
+            self._parent.close(status)
+            self._parent = None
+
+
+class SharedStartTime(Callback):
+    """One run directory for all processes of a torchrun launch (gta/engine/distributed.py).
+
+    Every process composes the config itself, so Hydra's ``${now:...}`` in ``hydra.run.dir`` and
+    ``hydra.sweep.dir`` would take each process's own start time, and processes that start a second
+    apart would write into different directories. This makes ``now`` rank 0's start time everywhere,
+    before Hydra creates the directory. (Tasks of a submitit job receive the launcher's config, already
+    resolved, and need nothing.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _share_start_time(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _share_start_time(config, "hydra.sweep.dir")
+
+
+def _share_start_time(config: DictConfig, key: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return
+    start: datetime = distributed.setup(str(config.device)).broadcast_object(datetime.now())
+    OmegaConf.register_new_resolver("now", lambda pattern: start.strftime(pattern), use_cache=True, replace=True)
+    # Resolving caches the value in this config; a sweep's job configs copy that cache (Hydra's
+    # load_sweep_config), so they keep rank 0's time after Hydra registers its own resolver again.
+    OmegaConf.select(config, key)

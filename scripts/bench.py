@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gta.config import PROJECT_ROOT
+from gta.config import PROJECT_ROOT, TrainerConfig
+from gta.contract import Batch, Method, Progress, Update
 from gta.data import Loaders, SegmentationFolder, build_loaders, select_split
-from gta.engine.evaluate import EvalProtocol
+from gta.engine.distributed import Distributed
+from gta.engine.evaluate import EvalProtocol, Validation
 from gta.engine.runtime import configure_cuda, resolve_device
 from gta.engine.trainer import Trainer
 from gta.methods import GTASeg
-from gta.methods.base import Batch, Method, Progress, Update
 from gta.methods.ema import EMA, ema_model_
 from gta.methods.reweight import Confidence
 from gta.models import Segmenter
@@ -102,12 +103,13 @@ def in_memory_loaders(made: list[list[tuple]]) -> Loaders:
 
 def make_trainer(method, made, classes: int, device, run_dir: Path, iters: int, log_every: int, **options) -> Trainer:
     """A Trainer that evaluates and checkpoints only after its last iteration (outside the timed span)."""
+    loaders = in_memory_loaders(made)
+    config = TrainerConfig(**{"iters": iters, "epochs": 1, "eval_every": 0, "log_every": log_every,
+                              "decoder_lr_mult": 1.0, "checkpoint_every": 0, **options})
+    validation = Validation(loaders.val, EvalProtocol(), classes, 255, [str(c) for c in range(classes)])
     return Trainer(
-        method, in_memory_loaders(made), partial(torch.optim.SGD, lr=0.001, momentum=0.9), iters=iters, epochs=1,
-        eval_every=0, log_every=log_every, decoder_lr_mult=1.0, poly_power=0.9, device=device,
-        eval_protocol=EvalProtocol(), num_classes=classes, ignore_index=255,
-        class_names=[str(c) for c in range(classes)], run_dir=run_dir, logger=Clock(), checkpoint_every=0,
-        **options,
+        config, method, loaders, partial(torch.optim.SGD, lr=0.001, momentum=0.9), validation, run_dir,
+        logger=Clock(), dist=Distributed(device=device),
     )
 
 
@@ -146,7 +148,7 @@ def hand_loop(method: Method, made, device: torch.device, iters: int, warm: int)
         (image, mask), (unlabeled, padding) = made[it % len(made)]
         to = partial(torch.Tensor.to, device=device, non_blocking=True)
         batch = Batch(to(image), to(mask), *((to(unlabeled), to(padding)) if method.uses_unlabeled else ()))
-        method.training_step(batch, Progress(it, len(made), iters), update)
+        method.training_step(batch, Progress(it, len(made)), update)
     sync(device)
     return (time.perf_counter() - started) / (iters - warm)
 
@@ -316,7 +318,7 @@ def count_step_flops(model: Callable[[], torch.nn.Module], made, device: torch.d
     (image, mask), (unlabeled, padding) = made[0]
     batch = Batch(*(t.to(device) for t in (image, mask, unlabeled, padding)))
     with FlopCounterMode(display=False) as counter:
-        method.training_step(batch, Progress(0, 1, 1), update)
+        method.training_step(batch, Progress(0, 1), update)
     return float(counter.get_total_flops())
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from gta.cli import CONF_DIR
-from gta.config import PROJECT_ROOT, register_configs
+from gta.config import CONF_DIR, PROJECT_ROOT, register_configs
 from gta.train import run
 
 #: the baselines as the paper's tables define them (conf/variant/)

@@ -18,8 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gta.cli import CONF_DIR
-from gta.config import PROJECT_ROOT, register_configs
+from gta.config import CONF_DIR, PROJECT_ROOT, register_configs
 from gta.data import SegmentationFiles, eval_transform
 from gta.engine.checkpoint import LAST
 from gta.eval import load_model

@@ -6,8 +6,7 @@ import pytest
 from hydra import initialize_config_dir
 from trainers import shapes
 
-from gta.cli import CONF_DIR
-from gta.config import register_configs
+from gta.config import CONF_DIR, register_configs
 from gta.data import SyntheticShapes
 
 

@@ -89,7 +89,7 @@ def test_the_trainer_records_skipped_files_in_the_run_directory_and_the_tracker(
     assert sorted(entry["file"] for entry in record) == sorted([str(image), str(val_image)])
     assert all("Cannot read image file" in entry["error"] for entry in record)
     counts = [metrics["data/bad_samples"] for _, metrics in sorted(logger.metrics.items()) if "data/bad_samples" in metrics]
-    assert counts[-1] == 2 and trainer.bad_files == {str(image), str(val_image)}
+    assert counts[-1] == 2 and trainer.bad_samples.files == {str(image), str(val_image)}
 
 
 def test_train_command_skips_or_stops_on_a_corrupt_file(tmp_path):

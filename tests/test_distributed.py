@@ -27,8 +27,9 @@ from gta.data import build_val_loader
 from gta.engine.checkpoint import load_checkpoint
 from gta.engine.distributed import DesyncError, Distributed
 from gta.engine.evaluate import EvalProtocol, confusion_matrices
+from gta.engine.guard import NonFiniteLossError
 from gta.engine.signals import TrainingInterrupted
-from gta.engine.trainer import NonFiniteLossError, Trainer
+from gta.engine.trainer import Trainer
 from gta.methods import GTASeg
 
 WORLD = 2

@@ -16,6 +16,7 @@ from layouts import TINY, write_folder
 from omegaconf import OmegaConf
 
 from gta.config import PROJECT_ROOT
+from gta.errors import ConfigError
 from gta.eval import run as evaluate
 from gta.train import run as train
 
@@ -43,17 +44,16 @@ def test_eval_reproduces_the_runs_last_evaluation_and_takes_overrides(trained):
 
 def test_eval_takes_a_training_state_checkpoint(trained, tmp_path):
     _, run_dir, last = trained
-    state = torch.load(run_dir / "student.pt", weights_only=True)
-    # a copy of the run directory with the checkpoint one level down, as checkpoints/last.pt
-    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
-    (tmp_path / "checkpoints").mkdir()
-    rng = np.random.default_rng(0).bit_generator.state  # training state may hold more than tensors
-    training_state = {"models": {"student": state}, "step": 1, "rng": rng, "ema": np.zeros(2)}
-    torch.save(training_state, tmp_path / "checkpoints" / "last.pt")
-    checkpoint = f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}"
+    checkpoint = f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}"  # its config.yaml is one directory up
     assert evaluate(compose("eval", overrides=[checkpoint, "model_name=student"])) == pytest.approx(last)
-    with pytest.raises(KeyError, match=r"holds the models \['student'\], not 'teacher'"):
+    with pytest.raises(ConfigError, match=r"holds the models \['student'\], not 'teacher'"):
         evaluate(compose("eval", overrides=[checkpoint]))
+    # a file that holds objects other than plain data is refused, never unpickled
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    state = torch.load(run_dir / "student.pt", weights_only=True)
+    torch.save({"models": {"student": state}, "rng": np.random.default_rng(0)}, tmp_path / "foreign.pt")
+    with pytest.raises(ConfigError, match="cannot be read as a PyTorch file"):
+        evaluate(compose("eval", overrides=[f"checkpoint={tmp_path / 'foreign.pt'}", "model_name=student"]))
 
 
 def test_eval_reads_run_configs_from_before_the_model_owned_the_normalisation(trained, tmp_path):

@@ -71,7 +71,7 @@ def test_center_crop_pads_small_images_with_pad_label():
     batches = [(torch.zeros(1, 3, 3, 5), torch.ones(1, 3, 5, dtype=torch.long))]
     cpu = torch.device("cpu")
     padded = confusion_matrices({"m": Constant()}, batches, 2, 255, EvalProtocol("center_crop", 6, pad_label=0), cpu)
-    # 15 real pixels of class 1, and 36 - 15 padding pixels that count as class 0 (ALGORITHM.md §5.8)
+    # 15 real pixels of class 1, and 36 - 15 padding pixels that count as class 0 (docs/algorithm.md §5.8)
     assert padded["m"].tolist() == [[0, 21], [0, 15]]
     plain = confusion_matrices({"m": Constant()}, batches, 2, 255, EvalProtocol("center_crop", 6), cpu)
     assert plain["m"].tolist() == [[0, 0], [0, 15]]

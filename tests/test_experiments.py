@@ -14,7 +14,7 @@ from layouts import TINY, write_cityscapes, write_folder, write_voc
 from omegaconf import OmegaConf
 from recording import Recording
 
-from gta.cli import CONF_DIR
+from gta.config import CONF_DIR
 from gta.eval import run as evaluate
 from gta.train import run as train
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from tiny import TinySegmenter
 
-from gta.methods import Batch, GTASeg, MeanTeacher, Progress, UnbiasedST
+from gta.contract import Batch, Progress
+from gta.methods import GTASeg, MeanTeacher, UnbiasedST
 from gta.methods.ema import EMA
 from gta.methods.reference import GTASegReference
 from gta.methods.reweight import Confidence
@@ -50,7 +51,7 @@ def sgd(method, lr: float = 0.2):
 
 def warm_up(method, update):
     for it in range(WARMUP):
-        method.training_step(task(it), Progress(it, WARMUP, 4 * WARMUP), update)
+        method.training_step(task(it), Progress(it, WARMUP), update)
 
 
 def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -100,7 +101,7 @@ def test_followers_are_the_warmed_up_student_when_the_first_pseudo_label_is_made
 
     for model_name, model in followers(method).items():
         model.register_forward_pre_hook(first_forward(model_name))
-    method.training_step(task(WARMUP), Progress(WARMUP, WARMUP, 4 * WARMUP), update)
+    method.training_step(task(WARMUP), Progress(WARMUP, WARMUP), update)
     assert seen == {model_name: True for model_name in followers(method)}
 
 
@@ -119,7 +120,7 @@ def test_the_student_barely_moves_over_the_first_semi_supervised_iteration(name)
         before = method.student.eval()(held_out.image).argmax(1)
     assert accuracy(method.student, held_out) > 0.8  # it has learned something worth keeping
 
-    method.training_step(task(WARMUP), Progress(WARMUP, WARMUP, 4 * WARMUP), update)
+    method.training_step(task(WARMUP), Progress(WARMUP, WARMUP), update)
     with torch.no_grad():
         after = method.student.eval()(held_out.image).argmax(1)
     assert (after == before).float().mean() > 0.95
@@ -136,7 +137,7 @@ def test_mean_teachers_first_pseudo_labels_are_the_warmed_up_students_prediction
         expected = method.student.eval()(batch.unlabeled).argmax(1)
     labels = []
     method.teacher.register_forward_hook(lambda m, args, out: labels.append(out.argmax(1)))
-    method.training_step(batch, Progress(WARMUP, WARMUP, 4 * WARMUP), update)
+    method.training_step(batch, Progress(WARMUP, WARMUP), update)
     assert torch.equal(labels[0], expected)
 
 
@@ -144,7 +145,7 @@ def test_gta_reference_with_every_switch_off_trains_like_gta():
     paper, reference = build("gta"), build("gta_reference")
     update_paper, update_reference = sgd(paper), sgd(reference)
     for it in range(WARMUP + 4):
-        progress = Progress(it, WARMUP, 4 * WARMUP)
+        progress = Progress(it, WARMUP)
         torch.manual_seed(it)
         paper.training_step(task(it), progress, update_paper)
         torch.manual_seed(it)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny import TinySegmenter
 
-from gta.methods import Batch, GTASeg, MeanTeacher, Progress, SupOnly
+from gta.contract import Batch, Progress
+from gta.methods import GTASeg, MeanTeacher, SupOnly
 from gta.methods.cutmix import cutmix
 from gta.methods.ema import EMA, ema_, ema_model_
 from gta.methods.reweight import Confidence
@@ -48,7 +49,7 @@ def snapshot(params):
 
 
 #: the second semi-supervised iteration: past the hand-over, so the formulas of Eqs. 9 and 12 apply as written
-AFTER_HAND_OVER = Progress(IPE + 1, IPE, 4 * IPE)
+AFTER_HAND_OVER = Progress(IPE + 1, IPE)
 
 
 def handed_over(method):
@@ -85,7 +86,7 @@ def test_gradient_routing_over_many_iterations():
                 assert all(g is None for g in to_student_g), "pseudo-labels reached the student's g"
 
         seen_by_assistant.clear()
-        method.training_step(batch, Progress(it, IPE, 4 * IPE), sgd_update(method, order, check))
+        method.training_step(batch, Progress(it, IPE), sgd_update(method, order, check))
         if it >= IPE:  # after warm-up
             assert seen_by_assistant and all((x != 5.0).all() for x in seen_by_assistant)
     # the warm-up trains the student on labels, then the assistant steps before the student every iteration
@@ -160,7 +161,7 @@ def test_suponly_never_touches_unlabeled_data():
     assert not method.uses_unlabeled
     batch = make_batch()
     batch.unlabeled = batch.unlabeled_mask = None  # the engine does not even load them
-    stats = method.training_step(batch, Progress(0, IPE, IPE), sgd_update(method))
+    stats = method.training_step(batch, Progress(0, IPE), sgd_update(method))
     assert set(stats) == {"student/loss_l"} and list(method.trained_models()) == ["student"]
 
 

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from test_methods import IPE, make_batch, snapshot
 from tiny import TinySegmenter
 
-from gta.methods import Progress
+from gta.contract import Progress
 from gta.methods.ema import EMA
 from gta.methods.pseudo_label import make_targets
 from gta.methods.reference import GTASegReference, Reference
@@ -49,7 +49,7 @@ def stepping(method, before=None, after=None, lr=0.1):
 
 def run(method, iterations, **hooks):
     for it in iterations:
-        method.training_step(make_batch(), Progress(it, IPE, TOTAL), stepping(method, **hooks))
+        method.training_step(make_batch(), Progress(it, IPE), stepping(method, **hooks))
 
 
 def test_paper_behaviour_is_the_default():

@@ -136,7 +136,7 @@ def record_syncs(trainer: Trainer) -> list[tuple[int, str]]:
     def recorded(*args):
         with HostSyncs() as syncs:
             stats = step(*args)
-        seen.extend((trainer._iteration, op) for op in syncs.ops)
+        seen.extend((trainer.iteration, op) for op in syncs.ops)
         return stats
 
     trainer.method.training_step = recorded

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from runs import ROOT, gta
 from tiny import TinySegmenter
 
-from gta.cli import CONF_DIR
+from gta.config import CONF_DIR
 
 EXPERIMENTS_DIR = ROOT / "experiments"
 INSTANT_DIR = EXPERIMENTS_DIR / "instant"

@@ -35,6 +35,7 @@ def test_multirun_of_all_methods_logs_each_run_to_mlflow(tmp_path, data_root):
                  f"logger.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val mIoU teacher" in result.stdout and "logged to  MLflow run" in result.stdout
+    assert f"browse     mlflow ui --backend-store-uri {uri} --host 127.0.0.1" in result.stdout
 
     from mlflow import MlflowClient
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from tiny import TinySegmenter
 
+from gta.config import TrainerConfig
 from gta.data import SyntheticShapes, build_loaders, select_split
-from gta.engine.evaluate import EvalProtocol
+from gta.engine.evaluate import EvalProtocol, Validation
 from gta.engine.trainer import Trainer
 from gta.methods import GTASeg
 from gta.methods.ema import EMA
@@ -45,7 +46,8 @@ def make_trainer(
     dist=None, **options,
 ) -> Trainer:
     """GTA-Seg (or ``method_cls``) for ITERS iterations of 2 + 2 images, logging every step; ``options``
-    go to the Trainer. With ``dist``, each rank draws other initial weights (rank 0's win) and CutMix boxes."""
+    are TrainerConfig fields. With ``dist``, each rank draws other initial weights (rank 0's win) and CutMix
+    boxes, and the ranks' models are compared after every iteration."""
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
     loaders = build_loaders(
         source, select_split(source, 4), batch_size=2, num_workers=0, seed=0, need_unlabeled=True, rank=rank,
@@ -55,14 +57,14 @@ def make_trainer(
     method = method_cls(
         model=lambda: TinySegmenter(num_classes), ema=EMA(0.9), reweight=Confidence(), cutmix_prob=0.5
     )
-    options = {"iters": ITERS, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, **options}
-    if dist is not None:
-        options = {"dist": dist, "device": dist.device, "check_sync_every": 1, **options}
+    config = TrainerConfig(**{
+        "iters": ITERS, "epochs": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "decoder_lr_mult": 1.0,
+        "check_sync_every": 1 if dist else 0, **options,
+    })
+    validation = Validation(loaders.val, EvalProtocol(), 6, 255, list(source.class_names))
     return Trainer(
-        method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), epochs=1, decoder_lr_mult=1.0,
-        poly_power=0.9, eval_protocol=EvalProtocol(), num_classes=6, ignore_index=255,
-        class_names=source.class_names, run_dir=run_dir, logger=logger or Recorder(),
-        **{"device": torch.device("cpu"), **options},
+        config, method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), validation, run_dir,
+        logger=logger or Recorder(), dist=dist,
     )
 
 

@@ -11,13 +11,13 @@ import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
 
-from gta.engine.signals import STOP_SIGNALS
 from gta.errors import ConfigError, DataError, MissingFilesError, MissingPathError
 
 from .bad_samples import BadSamples, Guarded, ReportingLoader, replacing
@@ -273,9 +273,10 @@ class Loaders:
     bad_samples: BadSamples = field(default_factory=BadSamples)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Schedulers signal every process of a job; the main process checkpoints, then ends its workers."""
-    for signum in STOP_SIGNALS:
+def _ignore(signals: tuple[int, ...], worker_id: int) -> None:
+    """A loader worker's start: ignore ``signals``. Schedulers signal every process of a job, and the
+    training process, which handles them, ends its workers itself."""
+    for signum in signals:
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -351,6 +352,7 @@ def build_loaders(
     val_batch_size: int = 1,
     prefetch_factor: int | None = None,
     on_bad_sample: str = "skip",
+    ignored_signals: tuple[int, ...] = (),
 ) -> Loaders:
     """Training loaders for the labeled and unlabeled streams plus a validation loader.
 
@@ -397,7 +399,7 @@ def build_loaders(
             drop_last=True,
             # A private generator, so creating iterators does not consume the global RNG.
             generator=torch.Generator().manual_seed(derive_seed(seed, stream, rank, 1)),
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=partial(_ignore, tuple(ignored_signals)),
             **common,
         )
 

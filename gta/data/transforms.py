@@ -24,7 +24,7 @@ class RandomRescale(v2.Transform):
     """Rescale image and mask by one factor drawn uniformly from ``scale_range``.
 
     With ``pivot`` (inside the range), half of the factors are drawn uniformly from [low, pivot) and half
-    from [pivot, high): the released GTA-Seg code's rescale (ALGORITHM.md §5.10), which for (0.5, 2.0) and
+    from [pivot, high): the released GTA-Seg code's rescale (docs/algorithm.md §5.10), which for (0.5, 2.0) and
     pivot 1 shrinks as often as it enlarges.
 
     Images use bilinear (antialiased) interpolation and masks nearest-exact, which samples at the same
@@ -75,7 +75,7 @@ def train_transform(
 ) -> v2.Compose:
     """Random rescale, horizontal flip and a ``crop_size`` crop; images smaller than the crop are padded
     with black pixels labelled ``ignore_index`` so the padding never counts as a class (``pad_label``
-    labels them with that class instead, as the released code does with background: ALGORITHM.md §5.8)."""
+    labels them with that class instead, as the released code does with background: docs/algorithm.md §5.8)."""
     steps: list[v2.Transform] = [RandomRescale(scale_range, scale_pivot)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 with the SBD augmentation: the original and the augmented protocol (ALGORITHM.md §4).
+"""PASCAL VOC 2012 with the SBD augmentation: the original and the augmented protocol (docs/algorithm.md §6).
 
 torchvision's ``VOCSegmentation`` is not used: it insists on ``<root>/VOCdevkit/VOC2012`` and knows
 neither ``SegmentationClassAug`` nor the 10582-image ``train_aug`` set, which both protocols need.

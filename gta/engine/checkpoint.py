@@ -4,12 +4,11 @@ A checkpoint is a dict of plain data (tensors, numbers, strings, lists, dicts), 
 ``torch.load(weights_only=True)`` and never runs code from the file:
 
     format       FORMAT, bumped when the layout changes
-    method       class name of the method that wrote it
     models       {name: state_dict} of every model of the method (``checkpoint["models"]["teacher"]``)
     optimizers   {name: state_dict} of every optimiser
     scalers      {name: GradScaler state_dict} of every optimiser under trainer.precision=fp16, else empty
     iteration    iterations completed; with iters_per_epoch it fixes the epoch and the sampler position
-    epoch, iters_per_epoch
+    iters_per_epoch
     rng          Python, NumPy, torch CPU and CUDA generator states (of rank 0 when data-parallel)
     rng_other_ranks
                  the same for ranks 1, 2, ... of a data-parallel run (empty for one process)
@@ -27,6 +26,7 @@ from __future__ import annotations
 import os
 import random
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -148,6 +148,42 @@ def set_rng_state(state: Mapping) -> None:
     if state["cuda"] and torch.cuda.is_available():
         for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)
+
+
+# --- the training state ----------------------------------------------------------------------------
+def capture(models: Mapping[str, nn.Module], optimizers: Mapping, scalers: Mapping, dist) -> dict:
+    """The models, optimisers, loss scalers and every rank's generators, as checkpoint entries.
+
+    With several processes every rank must call it: it gathers their generators."""
+    rng = dist.gather_object(rng_state())
+    return {
+        "format": FORMAT,
+        "models": {name: model.state_dict() for name, model in models.items()},
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "scalers": {name: scaler.state_dict() for name, scaler in scalers.items()},
+        "rng": rng[0],
+        "rng_other_ranks": rng[1:],
+    }
+
+
+def restore(state: Mapping, models: Mapping[str, nn.Module], optimizers: Mapping, scalers: Mapping, dist,
+            source: Path | str) -> None:
+    """Load what :func:`capture` saved, or fail naming what does not fit."""
+    load_models(models, state["models"], source)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    for name, scaler in scalers.items():
+        if name in state["scalers"]:  # else the checkpoint was not written in fp16: the scale starts afresh
+            scaler.load_state_dict(state["scalers"][name])
+    saved_rng = [state["rng"], *state.get("rng_other_ranks", [])]
+    if len(saved_rng) != dist.world_size and dist.is_main:
+        warnings.warn(
+            f"{source} was written by {len(saved_rng)} processes, this run has {dist.world_size}: ranks "
+            "without a saved random state keep a fresh one, so the run does not continue exactly",
+            RuntimeWarning, 3,
+        )
+    if dist.rank < len(saved_rng):
+        set_rng_state(saved_rng[dist.rank])
 
 
 # --- models ----------------------------------------------------------------------------------------

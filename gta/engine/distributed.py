@@ -25,13 +25,10 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
@@ -291,29 +288,3 @@ def setup(device_name: str) -> Distributed:
         atexit.register(dist.destroy_process_group)
     _current = Distributed(rank, world_size, device)
     return _current
-
-
-class SharedStartTime(Callback):
-    """One run directory for all processes of a torchrun launch.
-
-    Every process composes the config itself, so Hydra's ``${now:...}`` in ``hydra.run.dir`` and
-    ``hydra.sweep.dir`` would take each process's own start time, and processes that start a second
-    apart would write into different directories. This makes ``now`` rank 0's start time everywhere,
-    before Hydra creates the directory. (Tasks of a submitit job receive the launcher's config, already
-    resolved, and need nothing.)"""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _share_start_time(config, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _share_start_time(config, "hydra.sweep.dir")
-
-
-def _share_start_time(config: DictConfig, key: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return
-    start: datetime = setup(str(config.device)).broadcast_object(datetime.now())
-    OmegaConf.register_new_resolver("now", lambda pattern: start.strftime(pattern), use_cache=True, replace=True)
-    # Resolving caches the value in this config; a sweep's job configs copy that cache (Hydra's
-    # load_sweep_config), so they keep rank 0's time after Hydra registers its own resolver again.
-    OmegaConf.select(config, key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ MODES = ("whole", "center_crop", "sliding")
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    """How a validation image is fed to the network (ALGORITHM.md §4: VOC center crop, Cityscapes sliding),
+    """How a validation image is fed to the network (docs/algorithm.md §6: VOC center crop, Cityscapes sliding),
     and which of a method's models are evaluated during training."""
 
     mode: str = "whole"
@@ -26,7 +26,7 @@ class EvalProtocol:
     #: "reported", "all" (Table 6: teacher, student and assistant) or a list of model names
     models: str | Sequence[str] = "reported"
     #: center_crop only: pad images smaller than the crop to ``crop_size``, the padding labelled with this
-    #: class, so that it counts in the confusion matrix (the released code's VOC validation: ALGORITHM.md
+    #: class, so that it counts in the confusion matrix (the released code's VOC validation: docs/algorithm.md
     #: §5.8); None evaluates the (smaller) image as it is
     pad_label: int | None = None
 
@@ -153,6 +153,41 @@ def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
 
 
-def miou(confusion: torch.Tensor) -> float:
-    return float(iou_from_confusion(confusion).nanmean())
+@dataclass
+class EvalResult:
+    step: int
+    miou: dict[str, float]
+    iou: dict[str, list[float]]
+    confusion: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class Validation:
+    """What a run is evaluated on: the validation batches, the protocol and the dataset's classes."""
+
+    loader: Iterable
+    protocol: EvalProtocol
+    num_classes: int
+    ignore_index: int
+    class_names: list[str]
+
+    def run(self, models: dict[str, nn.Module], step: int, device: torch.device) -> EvalResult:
+        confusion = confusion_matrices(models, self.loader, self.num_classes, self.ignore_index, self.protocol, device)
+        ious = {name: iou_from_confusion(cm) for name, cm in confusion.items()}
+        return EvalResult(
+            step=step,
+            miou={name: float(iou.nanmean()) for name, iou in ious.items()},
+            iou={name: iou.tolist() for name, iou in ious.items()},
+            confusion=confusion,
+        )
+
+    def metrics(self, result: EvalResult) -> dict[str, float]:
+        """``val/<model>/miou`` and ``val/<model>/iou/<class>`` (classes seen in truth or prediction)."""
+        metrics = {}
+        for name, iou in result.iou.items():
+            metrics[f"val/{name}/miou"] = result.miou[name]
+            metrics |= {
+                f"val/{name}/iou/{cls}": v for cls, v in zip(self.class_names, iou, strict=True) if v == v  # not NaN
+            }
+        return metrics
 

@@ -77,3 +77,9 @@ class ProgressReport:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+    def __enter__(self) -> ProgressReport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

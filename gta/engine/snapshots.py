@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gta import visualize
+from gta.contract import Batch, Method
 from gta.engine.evaluate import EvalProtocol, predict_logits
 from gta.errors import BadSampleError
-from gta.methods.base import Batch, Method
 from gta.tracking import Logger
 
 #: a panel's longer side is brought into this range (in pixels): small images are enlarged by a whole

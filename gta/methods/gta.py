@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from gta.methods.base import Batch, Progress, SelfTraining, Update
+from gta.contract import Batch, Progress, Update
+from gta.methods.base import SelfTraining
 from gta.methods.ema import EMA, ema_, ema_model_
 from gta.methods.pseudo_label import PseudoLabels, weighted_cross_entropy
 

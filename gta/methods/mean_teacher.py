@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gta.methods.base import Batch, Progress, SelfTraining, Update
+from gta.contract import Batch, Progress, Update
+from gta.methods.base import SelfTraining
 from gta.methods.ema import EMA, ema_model_
 from gta.methods.pseudo_label import weighted_cross_entropy
 

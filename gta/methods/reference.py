@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gta.methods.base import Batch, Progress, Update
+from gta.contract import Batch, Progress, Update
 from gta.methods.ema import ema_
 from gta.methods.gta import GTASeg
 from gta.methods.pseudo_label import PseudoLabels, make_targets, mixed_predictions

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gta.methods.base import Batch, Method, Progress, Update
+from gta.contract import Batch, Method, Progress, Update
 
 
 class SupOnly(Method):

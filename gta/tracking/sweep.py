@@ -1,27 +1,24 @@
 """MLflow for sweeps: one parent run per ``--multirun`` sweep, every job's run nested under it.
 
-The parent is made by a Hydra callback in the launching process, before any job starts: the store
-(a fresh sqlite file is not safe to create from many processes at once), the experiment and the parent
-run all exist by the time the first job opens the store. The callback writes the parent's id to
-``<sweep dir>/mlflow_parent.json``; each job (in this process, a local subprocess or a SLURM node that
-shares the file system) reads it there and creates its run with the parent's id. Re-running a sweep
-into the same directory re-opens the same parent, so resumed jobs land beside the finished ones.
+The parent is made by a Hydra callback of the train command (``gta.train.SweepParentRun``) in the launching
+process, before any job starts: the store (a fresh sqlite file is not safe to create from many processes at
+once), the experiment and the parent run all exist by the time the first job opens the store. The callback
+writes the parent's id to ``<sweep dir>/mlflow_parent.json``; each job (in this process, a local subprocess or
+a SLURM node that shares the file system) reads it there and creates its run with the parent's id. Re-running
+a sweep into the same directory re-opens the same parent, so resumed jobs land beside the finished ones.
 
-Nothing here imports MLflow at module level: Hydra builds the callback for every run, also with
+Nothing here imports MLflow at module level: the callback is built for every run, also with
 ``logger=none``.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gta.config import PROJECT_ROOT
@@ -110,59 +107,6 @@ def parent_for_job(sweep_dir: Path, tracking_uri: str | None) -> str | None:
     from gta.tracking.mlflow import resolve_tracking_uri
 
     return parent.run_id if resolve_tracking_uri(tracking_uri) == parent.tracking_uri else None
-
-
-class MLflowSweepCallback(Callback):
-    """Opens the sweep's parent run when a multirun starts and closes it when the multirun ends.
-
-    A sweep that stops on a failed job never reaches ``on_multirun_end``; the parent is then closed
-    as FAILED when the launching process exits.
-    """
-
-    def __init__(self) -> None:
-        self._parent: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Launchers pickle the callbacks to the jobs; the open parent stays in the launching process.
-        return {**self.__dict__, "_parent": None}
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Under torchrun every process runs the sweep; rank 0 opens the parent, the others log nothing.
-        if not uses_mlflow(config) or int(os.environ.get("RANK", 0)) != 0:
-            return
-        from gta.tracking.mlflow import MLflowLogger, resolve_tracking_uri
-
-        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
-        uri = resolve_tracking_uri(config.logger.tracking_uri)
-        previous = SweepParent.read(sweep_dir)
-        overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-        if previous is not None and previous.tracking_uri == uri:
-            # The same sweep again (resuming): its jobs join the runs already under this parent.
-            logger = MLflowLogger(uri, run_id=previous.run_id, fallback_dir=sweep_dir)
-        else:
-            table = OmegaConf.select(config, "report.table")
-            experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment")
-            tags = sweep_tags(config, overrides, experiment) | {"sweep_dir": str(sweep_dir)}
-            logger = MLflowLogger(
-                uri, experiment_name=config.logger.experiment_name, fallback_dir=sweep_dir,
-                run_name=f"{table or 'sweep'} {sweep_dir.name}", tags=tags,
-            )
-        SweepParent(logger.tracking_uri, logger.experiment_id, logger.run_id).write(sweep_dir)
-        self._parent = logger
-        atexit.register(self._close, "FAILED")
-        print(f"[sweep] parent {logger.location}")
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self._parent is not None:
-            multirun = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
-            if multirun.is_file():
-                self._parent.log_artifact(multirun)
-        self._close("FINISHED")
-
-    def _close(self, status: str) -> None:
-        if self._parent is not None:
-            self._parent.close(status)
-            self._parent = None
 
 
 def sweep_dir_of_job() -> Path | None:

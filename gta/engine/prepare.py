@@ -1,0 +1,41 @@
+"""Features applied to a method's models before training, each a small step of its own: SyncBatchNorm,
+the device, the channels_last layout, identical start on every rank, ``torch.compile``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gta.config import TrainerConfig
+from gta.contract import Method
+from gta.engine.distributed import Distributed, to_sync_batchnorm
+
+
+def models_of(method: Method) -> dict[str, nn.Module]:
+    """Every model of the method by name (evaluated and trained), each checked to hold the method's state."""
+    models = {**method.evaluated_models(), **method.trained_models()}
+    if sum(len(m.state_dict()) for m in distinct(models.values())) != len(method.state_dict()):
+        raise ValueError(f"{type(method).__name__} keeps state outside its models; checkpoints would miss it")
+    return models
+
+
+def distinct(models) -> list[nn.Module]:
+    return list({id(model): model for model in models}.values())
+
+
+def prepare(method: Method, config: TrainerConfig, dist: Distributed) -> torch.memory_format:
+    """Apply the configured features to ``method``'s models, in place; returns the memory format input
+    batches must take."""
+    if config.sync_bn:
+        to_sync_batchnorm(method, dist.device)
+    method.to(dist.device)
+    memory_format = torch.preserve_format
+    if config.channels_last:  # weights and input batches: the layout convolutions run fastest in on GPUs
+        memory_format = torch.channels_last
+        method.to(memory_format=memory_format)
+    models = distinct(models_of(method).values())
+    dist.broadcast_models(models)  # every rank starts from rank 0's models
+    if config.compile:  # in place: the state_dict keys, and so the checkpoints, stay those of the plain models
+        for model in models:
+            model.compile()
+    return memory_format
