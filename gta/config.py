@@ -52,6 +52,9 @@ class SyntheticConfig(DatasetConfig):
     num_val: int = 100
     image_size: int = 64
     seed: int = 0
+    #: spread of an object's hue around its class's (the class hues lie 0.2 apart): 0.03 keeps the hue
+    #: families apart, 0.07 lets their tails overlap
+    hue_jitter: float = 0.03
 
 
 @dataclass

@@ -177,9 +177,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     reported = result.miou[method.reported]
     if dist.is_main:
         record = {"value": reported, "reported": method.reported, "miou": result.miou, "overrides": overrides,
-                  "run_id": logger.run_id}
+                  "run_id": logger.run_id, "network": cfg.model.encoder_name, "labeled": len(split.labeled),
+                  "iterations": trainer.total_iters, "wall_time_s": round(trainer.wall_time, 1)}
         (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         print(summary(trainer, source, split, logger))
+        line = comparison(overrides, cfg.model.encoder_name)
+        if line:
+            print(line)
     return reported
 
 
@@ -204,6 +208,32 @@ def summary(trainer: Trainer, source, split, logger: Logger) -> str:
     if logger.ui_hint:
         lines.append(f"  browse     {logger.ui_hint}")
     return "\n".join(lines)
+
+
+#: what ``make compare`` measured at the embedded dataset's default budget (scripts/compare_methods.py
+#: --reference): the demo prints it beside its own result
+REFERENCE = Path(__file__).resolve().parent / "data" / "synthetic_compare.json"
+#: overrides that leave that budget as it is: which method or seed, where and how the run is logged
+NEUTRAL = ("seed", "variant", "method", "logger", "trainer.progress", "device", "data.num_workers", "hydra", "model")
+
+
+def comparison(overrides: list[str], network: str) -> str | None:
+    """The line that tells what a default-budget run just showed: the methods as ``make compare``
+    measured them at that budget with this network; None when the run changed the budget."""
+    if not REFERENCE.is_file():
+        return None
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    if not all(k.split(".")[0] in NEUTRAL or k in NEUTRAL for k in keys):
+        return None
+    record = json.loads(REFERENCE.read_text())
+    rows = [r for r in record["rows"] if r["network"] == network]
+    if not rows:
+        return None
+    cells = ", ".join(f"{r['method']} {r['mean']:.2f} ± {r['std']:.2f}" for r in rows if r["labels"] != "all")
+    bound = next((f"; SupOnly on all {r['labeled']} labels {r['mean']:.2f}" for r in rows if r["labels"] == "all"), "")
+    seeds = f"{min(record['seeds'])}-{max(record['seeds'])}"
+    return (f"  compare    make compare at this budget ({network}, seeds {seeds}, {record['date']}): {cells}{bound} "
+            "% mIoU (README: Results on the embedded dataset)")
 
 
 # --- the Hydra callbacks of the train command (conf/train.yaml: hydra.callbacks) -------------------------

@@ -28,24 +28,25 @@ from .source import Sample, SegmentationSource, fixed_labels
 __all__ = ["SyntheticShapes", "render_scene"]
 
 # Bump when the rendering changes, so existing caches are regenerated instead of silently reused.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 # Probabilities of flat, gradient, stripes and blotches, for the background.
 BACKGROUND_TEXTURES = (0.3, 0.4, 0.15, 0.15)
-#: spread of an object's hue around its class hue; neighbouring classes overlap in their tails
-HUE_JITTER = 0.07
+#: default spread (standard deviation) of an object's hue around its class hue, the class hues being 0.2
+#: apart: at 0.03 the families are separated by about three spreads, at 0.07 their tails overlap
+HUE_JITTER = 0.03
 
 
-def _class_colour(rng: np.random.Generator, cls: int, num_classes: int) -> np.ndarray:
+def _class_colour(rng: np.random.Generator, cls: int, num_classes: int, jitter: float) -> np.ndarray:
     """A saturated RGB colour from class ``cls``'s hue family (hues evenly spaced, jittered)."""
-    hue = ((cls - 1) / (num_classes - 1) + rng.normal(0, HUE_JITTER)) % 1.0
+    hue = ((cls - 1) / (num_classes - 1) + rng.normal(0, jitter)) % 1.0
     rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))
     return np.array(rgb, dtype=np.float32) * 255
 
 
-def _object_texture(rng: np.random.Generator, cls: int, num_classes: int, size: int) -> np.ndarray:
+def _object_texture(rng: np.random.Generator, cls: int, num_classes: int, size: int, jitter: float) -> np.ndarray:
     """Flat or a gradient between two colours of the class's hue family."""
-    a, b = _class_colour(rng, cls, num_classes), _class_colour(rng, cls, num_classes)
+    a, b = _class_colour(rng, cls, num_classes, jitter), _class_colour(rng, cls, num_classes, jitter)
     if rng.random() < 0.5:
         return np.broadcast_to(a, (size, size, 3)).astype(np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -152,7 +153,8 @@ def _distractors(rng: np.random.Generator, canvas: Image.Image) -> None:
 
 
 def render_scene(
-    rng: np.random.Generator, size: int, num_classes: int = 6, first_class: int | None = None
+    rng: np.random.Generator, size: int, num_classes: int = 6, first_class: int | None = None,
+    hue_jitter: float = HUE_JITTER,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ``(image uint8 HxWx3, label uint8 HxW)`` pair; ``first_class`` forces the first object's class
     (used to cycle through the classes so even a tiny dataset contains all of them)."""
@@ -168,7 +170,7 @@ def render_scene(
         footprint = _shape_mask(rng, cls, size)
         if not footprint.any():
             continue
-        texture = _object_texture(rng, cls, num_classes, size)
+        texture = _object_texture(rng, cls, num_classes, size, hue_jitter)
         image[footprint] = texture[footprint]
         label[footprint] = cls
     image = image * rng.uniform(0.8, 1.2, 3)  # a colour cast per image shifts every hue a little
@@ -197,6 +199,7 @@ class SyntheticShapes(SegmentationSource):
         num_val: int = 100,
         image_size: int = 64,
         seed: int = 0,
+        hue_jitter: float = HUE_JITTER,
         **source_kwargs,
     ) -> None:
         source_kwargs = fixed_labels(
@@ -207,6 +210,8 @@ class SyntheticShapes(SegmentationSource):
             raise ConfigError("SyntheticShapes needs num_labeled_pool >= 1, num_val >= 1, num_unlabeled >= 0")
         if image_size < 8:
             raise ConfigError(f"image_size must be >= 8, got {image_size}")
+        if not 0 <= hue_jitter <= 0.5:
+            raise ConfigError(f"dataset.hue_jitter must lie in [0, 0.5] (a fraction of the hue circle), got {hue_jitter}")
         # Train on whole images by default; mild rescaling, since at 64 px a 0.5x scale shrinks the
         # smallest shapes to a few pixels and turns most of the crop into padding.
         source_kwargs.setdefault("crop_size", image_size)
@@ -220,6 +225,7 @@ class SyntheticShapes(SegmentationSource):
             "num_labeled_pool": int(num_labeled_pool),
             "num_unlabeled": int(num_unlabeled),
             "num_val": int(num_val),
+            "hue_jitter": float(hue_jitter),
             "class_names": list(self.class_names),
         }
         self._pools: dict[str, list[Sample]] | None = None
@@ -281,7 +287,7 @@ class SyntheticShapes(SegmentationSource):
             for i, sample_id in enumerate(ids):
                 rng = np.random.default_rng([self.params["seed"], stream, i])
                 first = 1 + i % (self.num_classes - 1)
-                image, label = render_scene(rng, size, self.num_classes, first_class=first)
+                image, label = render_scene(rng, size, self.num_classes, first, self.params["hue_jitter"])
                 Image.fromarray(image).save(out / "images" / f"{sample_id}.png")
                 mask = Image.fromarray(label)
                 mask.putpalette(flat_palette)  # mode "P": class ids that image viewers show in colour

@@ -1,0 +1,54 @@
+"""make compare (scripts/compare_methods.py) and the comparison line the demo prints from its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gta import train
+from gta.config import PROJECT_ROOT
+
+
+def reference(path: Path) -> Path:
+    rows = [
+        {"network": "tu-resnet10t", "method": "SupOnly", "labels": "split", "labeled": 20, "mean": 58.54, "std": 0.71},
+        {"network": "tu-resnet10t", "method": "GTA-Seg", "labels": "split", "labeled": 20, "mean": 59.48, "std": 1.05},
+        {"network": "tu-resnet10t", "method": "SupOnly", "labels": "all", "labeled": 200, "mean": 80.97, "std": 0.0},
+    ]
+    path.write_text(json.dumps({"date": "2026-12-04", "seeds": [0, 1, 2], "overrides": [], "rows": rows}))
+    return path
+
+
+def test_the_demo_compares_itself_with_the_measured_table_only_at_that_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "REFERENCE", reference(tmp_path / "compare.json"))
+    line = train.comparison(["seed=1", "logger=none", "variant=mean_teacher"], "tu-resnet10t")
+    assert "SupOnly 58.54 ± 0.71, GTA-Seg 59.48 ± 1.05; SupOnly on all 200 labels 80.97" in line
+    assert "seeds 0-2" in line and "2026-12-04" in line
+    assert train.comparison(["trainer.epochs=3"], "tu-resnet10t") is None  # another budget
+    assert train.comparison(["split=50"], "tu-resnet10t") is None
+    assert train.comparison([], "tu-tf_efficientnet_lite0") is None  # a network the table has no rows for
+    monkeypatch.setattr(train, "REFERENCE", tmp_path / "absent.json")
+    assert train.comparison([], "tu-resnet10t") is None
+
+
+@pytest.mark.slow
+def test_compare_runs_the_grid_with_the_all_labels_bound(tmp_path):
+    tiny = ["dataset.num_labeled_pool=8", "dataset.num_unlabeled=0", "dataset.num_val=4", "dataset.image_size=32",
+            f"dataset.root={tmp_path / 'data'}", "split=4", "data.batch_size=2", "data.val_batch_size=4",
+            "trainer.iters=3", "trainer.eval_every=0", "trainer.snapshot_images=0", "device=cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = PROJECT_ROOT / "scripts" / "compare_methods.py"
+    done = subprocess.run([sys.executable, str(script), "--seeds", "0", "1", "--models", "own", "--no-mlflow",
+                           "--out", str(tmp_path / "out"), *tiny], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "compare.json").read_text())["rows"]
+    assert [(r["method"], r["labeled"]) for r in rows] == [("SupOnly", 4), ("Mean Teacher", 4), ("GTA-Seg", 4),
+                                                           ("SupOnly", 8)]
+    assert all(len(r["values"]) == 2 and r["iterations"] == 3 for r in rows)  # the bound: as many iterations
+    table = (tmp_path / "out" / "compare.md").read_text().splitlines()
+    assert table[0].startswith("| network | method | labels |") and len(table) == 2 + len(rows)
