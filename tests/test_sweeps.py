@@ -8,6 +8,7 @@ import json
 
 import pytest
 import submitit.slurm.slurm as submitit_slurm
+from helpers import gta, tiny
 from hydra import compose
 from hydra._internal.callbacks import Callbacks
 from hydra.core.global_hydra import GlobalHydra
@@ -16,7 +17,6 @@ from hydra.core.plugins import Plugins
 from hydra.types import HydraContext
 from mlflow import MlflowClient
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
-from runs import gta, tiny
 
 from gta.report import report
 from gta.tracking.sweep import PARENT_FILE, SweepParent
@@ -96,7 +96,7 @@ def grid(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid")
     store = path_to_local_sqlite_uri(tmp / "mlflow.db")
     sweep = tmp / "sweep"
-    gta("train", "--multirun", *tiny(tmp / "data"), "launcher=local", f"hydra.sweep.dir={sweep}",
+    gta("train", "--multirun", *tiny(tmp / "data", logger="mlflow"), "launcher=local", f"hydra.sweep.dir={sweep}",
         f"logger.tracking_uri={store}", "logger.experiment_name=grid", "report.table=grid",
         "report.title=A 2x2 grid", "report.row=alpha ${ema.alpha}",
         "report.column=warm-up ${method.warmup_epochs}", *GRID)
@@ -170,7 +170,7 @@ def test_report_of_a_sweep_without_experiment_file(tmp_path):
     the key that varies and its one column after the metric, and shows no paper it does not have."""
     store = path_to_local_sqlite_uri(tmp_path / "mlflow.db")
     sweep = tmp_path / "sweep"
-    gta("train", "--multirun", *tiny(tmp_path / "data"), f"hydra.sweep.dir={sweep}",
+    gta("train", "--multirun", *tiny(tmp_path / "data", logger="mlflow"), f"hydra.sweep.dir={sweep}",
         f"logger.tracking_uri={store}", "method=suponly,gta", "seed=0,1")
     out = gta("report", str(sweep)).stdout
     lines = [line for line in out.splitlines() if line.startswith("|")]
@@ -187,7 +187,7 @@ def test_rerunning_a_sweep_skips_finished_jobs(tmp_path):
     """Into the same sweep dir: finished jobs are skipped, unfinished ones run, runs join the same parent."""
     store = path_to_local_sqlite_uri(tmp_path / "mlflow.db")
     sweep = tmp_path / "sweep"
-    args = ["train", "--multirun", *tiny(tmp_path / "data"), f"hydra.sweep.dir={sweep}",
+    args = ["train", "--multirun", *tiny(tmp_path / "data", logger="mlflow"), f"hydra.sweep.dir={sweep}",
             f"logger.tracking_uri={store}", "seed=0,1"]
     gta(*args)
     first = SweepParent.read(sweep)

@@ -11,10 +11,10 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, gta
 from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from runs import ROOT, gta
 from tiny import TinySegmenter
 
 from gta.config import CONF_DIR

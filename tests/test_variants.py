@@ -7,14 +7,13 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import IPE, make_batch, sgd_update, snapshot, tiny_method
 from hydra import compose
 from hydra.utils import instantiate
-from test_methods import IPE, gta, make_batch, sgd_update, snapshot
 from tiny import TinySegmenter
 
 from gta.contract import Progress
 from gta.methods import GTASeg, MeanTeacher, UnbiasedST
-from gta.methods.ema import EMA
 from gta.methods.reweight import Confidence, Uniform
 from gta.models import Segmenter
 
@@ -35,13 +34,8 @@ def reaches(loss, tensors):
 # --- Unbiased ST ------------------------------------------------------------------------------------------
 
 
-def unbiased(**kw) -> UnbiasedST:
-    torch.manual_seed(0)
-    return UnbiasedST(partial(TinySegmenter, 3), EMA(0.9, ramp=False), Confidence(1.0), **kw)
-
-
 def test_unbiased_st_heads_learn_from_their_own_data_and_share_f():
-    method = unbiased()
+    method = tiny_method(UnbiasedST)
     student = method.student
     main_head = list(student.network.head.parameters())
     pseudo_head = list(student.pseudo_head.parameters())
@@ -70,7 +64,7 @@ def test_unbiased_st_heads_learn_from_their_own_data_and_share_f():
 
 
 def test_unbiased_st_pseudo_labels_never_reach_the_main_head():
-    method = unbiased()
+    method = tiny_method(UnbiasedST)
     main_head = list(method.student.network.head.parameters())
     batch = watch(make_batch())
     loss_u = torch.nn.functional.cross_entropy(method.student.pseudo(batch.unlabeled), batch.mask)
@@ -79,7 +73,7 @@ def test_unbiased_st_pseudo_labels_never_reach_the_main_head():
 
 
 def test_unbiased_st_evaluates_and_reports_only_the_labeled_head():
-    method = unbiased()
+    method = tiny_method(UnbiasedST)
     assert method.reported == "teacher" and set(method.evaluated_models()) == {"teacher", "student"}
     x = torch.rand(2, 3, 8, 8)
     method.eval()
@@ -91,7 +85,7 @@ def test_unbiased_st_evaluates_and_reports_only_the_labeled_head():
 
 
 def test_unbiased_st_warmup_trains_the_main_head_only():
-    method = unbiased()
+    method = tiny_method(UnbiasedST)
     head0 = snapshot(method.student.pseudo_head.parameters())
     stats = method.training_step(make_batch(), Progress(0, IPE), sgd_update(method))
     assert set(stats) == {"student/loss_l"}
@@ -122,7 +116,7 @@ def test_segmenter_second_mask_predictor_shares_the_feature_extractor():
     ("pseudo", "labeled"), ("labeled", "pseudo"), ("labeled+pseudo", "labeled"), ("labeled+pseudo", "pseudo"),
 ])
 def test_data_routing(assistant_data, student_data):
-    method = gta(assistant_data=assistant_data, student_data=student_data)
+    method = tiny_method(assistant_data=assistant_data, student_data=student_data)
     batch = watch(make_batch())
     seen = {}
 
@@ -145,11 +139,11 @@ def test_data_routing(assistant_data, student_data):
 
 def test_data_routing_rejects_unknown_data():
     with pytest.raises(ValueError, match=r"method.student_data.*'unlabeled'"):
-        gta(student_data="unlabeled")
+        tiny_method(student_data="unlabeled")
 
 
 def test_warmup_length_trains_the_student_on_labels_for_that_many_epochs():
-    method = gta(warmup_epochs=2)
+    method = tiny_method(warmup_epochs=2)
     order = []
     for it in range(3 * IPE):
         method.training_step(make_batch(), Progress(it, IPE), sgd_update(method, order))
