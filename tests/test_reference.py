@@ -35,10 +35,6 @@ def run(method, iterations, before=None, after=None):
         method.training_step(make_batch(), Progress(it, IPE), sgd_update(method, check=check, after=after))
 
 
-def test_paper_behaviour_is_the_default():
-    assert all(value is False for value in dataclasses.asdict(gta().reference).values())
-
-
 def test_shared_classifier_is_one_tensor_moved_by_both_optimisers():
     method = gta(shared_classifier=True)
     student_g = method.student.mask_predictor_parameters()

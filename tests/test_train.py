@@ -25,6 +25,9 @@ def test_multirun_of_all_methods_logs_each_run_to_mlflow(tmp_path, data_root):
                  f"logger.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert "val mIoU teacher" in result.stdout and "logged to  MLflow run" in result.stdout
     assert f"browse     mlflow ui --backend-store-uri {uri} --host 127.0.0.1" in result.stdout
+    # without launcher=, Hydra's basic launcher ran the jobs in this one process (submitit leaves .submitit/)
+    written = {p.name for p in (tmp_path / "sweep").iterdir()}
+    assert {"0", "1", "2"} <= written and ".submitit" not in written, written
 
     from mlflow import MlflowClient
 
