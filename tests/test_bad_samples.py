@@ -91,6 +91,7 @@ def test_the_trainer_records_skipped_files_in_the_run_directory_and_the_tracker(
     assert counts[-1] == 2 and trainer.bad_samples.files == {str(image), str(val_image)}
 
 
+@pytest.mark.slow
 def test_train_command_skips_or_stops_on_a_corrupt_file(tmp_path):
     data = tmp_path / "data"
     image = corrupt(select_split(shapes(data, unlabeled=8), 4).labeled[0].image)  # the split the command draws too

@@ -12,6 +12,8 @@ from PIL import Image
 
 from gta.data import SegmentationFolder, select_split
 
+pytestmark = pytest.mark.slow  # every test runs the command in a subprocess
+
 FOLDER = ["dataset=folder", "dataset.num_classes=3", "dataset.unlabeled=unlabeled"]
 
 

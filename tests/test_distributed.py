@@ -114,6 +114,7 @@ def _collectives(rank: int, port: int, data_root: Path, confusion: torch.Tensor)
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gradients_buffers_and_checks_agree_across_processes(source):
     torch.manual_seed(0)
     model = TinySegmenter(6)
@@ -152,6 +153,7 @@ def _stop_and_resume(rank: int, port: int, data_root: Path, tmp_path: Path) -> N
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_signal_on_one_rank_stops_all_and_resume_is_exact(source, tmp_path):
     spawn(_stop_and_resume, source.root, tmp_path)
 
@@ -177,6 +179,7 @@ def _nonfinite_on_one_rank(rank: int, port: int, data_root: Path, tmp_path: Path
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_on_one_rank_stops_all_before_the_checkpoint(source, tmp_path):
     spawn(_nonfinite_on_one_rank, source.root, tmp_path)
 

@@ -53,6 +53,7 @@ def test_a_bar_on_a_terminal_and_nothing_with_none():
         ProgressReport(0, 4, every=1, mode="fancy")
 
 
+@pytest.mark.slow
 def test_a_run_in_a_pipe_logs_lines(tmp_path):
     result = gta("train", *tiny(tmp_path / "data", iters=4), "trainer.log_every=2", f"hydra.run.dir={tmp_path / 'run'}")
     lines = [line for line in result.stderr.splitlines() if line.startswith("train ")]

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from helpers import gta, python, tiny
 
+pytestmark = pytest.mark.slow  # every test runs the command in a subprocess
+
 #: the last line Hydra writes under an error's message
 HINT = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
 
