@@ -140,6 +140,13 @@ def tiny_method(cls=GTASeg, *, num_classes: int = 3, ema: EMA | None = None, see
     return cls(partial(TinySegmenter, num_classes), ema=ema or EMA(alpha=0.9, ramp=False), **options)
 
 
+def configured_method(cfg):
+    """The method of a composed training config, on the tiny network."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
+
+
 def make_batch(labeled_value: float = 5.0) -> Batch:
     # Labeled images are a constant no unlabeled image ever contains, so any sighting is detectable.
     x_l = torch.full((2, 3, 8, 8), labeled_value)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import pytest
 import torch
-from helpers import IPE, make_batch, sgd_update, snapshot, tiny_method
+from helpers import IPE, configured_method, make_batch, sgd_update, snapshot, tiny_method
 from hydra import compose
 from hydra.utils import instantiate
-from tiny import TinySegmenter
 
 from gta.contract import Progress
 from gta.methods.pseudo_label import make_targets
@@ -192,7 +190,7 @@ def test_everything_on_trains_through_every_phase():
 
 def test_preset_turns_every_switch_on(hydra_conf):
     cfg = compose("train", overrides=["variant=gta_reference"])
-    method = instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
+    method = configured_method(cfg)
     assert isinstance(method, GTASegReference) and all(dataclasses.asdict(method.reference).values())
     assert method.ema.alpha == 0.999 and method.ema.ramp  # §5.6
     assert cfg.dataset.pad_label == 0 and cfg.dataset.scale_pivot == 1.0  # §5.8, §5.10
@@ -203,5 +201,5 @@ def test_preset_turns_every_switch_on(hydra_conf):
     assert paper.dataset.pad_label is None and paper.dataset.scale_pivot is None and paper.method.ema.alpha == 0.99
     assert "reference" not in paper.method  # the paper's GTA-Seg has no switches to set
     one = compose("train", overrides=["method=gta_reference", "method.reference.mixed_confidence=true"])
-    switches = instantiate(one.method, model=partial(TinySegmenter, 3)).reference
+    switches = configured_method(one).reference
     assert switches.mixed_confidence and not switches.shared_classifier

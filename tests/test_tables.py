@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from functools import partial
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, gta
+from helpers import ROOT, configured_method, gta
 from hydra import compose
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from tiny import TinySegmenter
 
 from gta.config import CONF_DIR
 
@@ -62,7 +59,7 @@ def test_experiment_composes_at_every_grid_point(hydra_conf, name):
     assert base.data.splits == "paper"
     for point in grid_points(params):
         cfg = compose("train", overrides=[f"+experiment={name}", *point])
-        method = instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
+        method = configured_method(cfg)
         assert method.reported in method.evaluated_models(), point
 
 

@@ -3,14 +3,10 @@ warm-up length, transmission scope and re-weighting, each composed from the conf
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
-from helpers import IPE, make_batch, sgd_update, snapshot, tiny_method
+from helpers import IPE, configured_method, make_batch, sgd_update, snapshot, tiny_method
 from hydra import compose
-from hydra.utils import instantiate
-from tiny import TinySegmenter
 
 from gta.contract import Progress
 from gta.methods import GTASeg, MeanTeacher, UnbiasedST
@@ -158,8 +154,7 @@ def test_warmup_length_trains_the_student_on_labels_for_that_many_epochs():
 
 
 def build(overrides):
-    cfg = compose("train", overrides=overrides)
-    return instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
+    return configured_method(compose("train", overrides=overrides))
 
 
 C, KEEP = torch.tensor([0.8, 0.4, 0.2]), torch.tensor([True, True, False])
