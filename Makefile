@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,8 +19,11 @@ setup: $(VENV)/.installed ## create .venv and install gta with its dependencies
 demo: setup ## train GTA-Seg on the embedded synthetic dataset (CPU, a few minutes)
 	$(PY) -m gta train
 
-test: setup ## run the test suite
+test: setup ## run the test suite (what CI runs: .ci/run)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup ## the suite without the slow end-to-end runs (-m "not slow"), for the edit loop
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check gta tests scripts
@@ -38,4 +41,4 @@ BENCH_ARGS ?=
 bench: setup ## engine overhead, EMA, data pipeline (+ the paper-scale step on CUDA): bench-results/bench.{md,json}
 	HF_HUB_OFFLINE=1 $(PY) scripts/bench.py $(BENCH_ARGS)
 
-.PHONY: help setup demo test lint ui compare figure bench
+.PHONY: help setup demo test test-fast lint ui compare figure bench

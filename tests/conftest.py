@@ -1,10 +1,10 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules (the helpers they are built from: ``tests/helpers.py``)."""
 
 from __future__ import annotations
 
 import pytest
+from helpers import shapes
 from hydra import initialize_config_dir
-from trainers import shapes
 
 from gta.config import CONF_DIR, register_configs
 from gta.data import SyntheticShapes
@@ -20,7 +20,16 @@ def hydra_conf():
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> SyntheticShapes:
-    """The tiny synthetic dataset of ``trainers.shapes``, generated once per module."""
+    """The tiny synthetic dataset of ``helpers.shapes``, generated once per module."""
     generated = shapes(tmp_path_factory.mktemp("data") / "shapes")
     generated.pools()
     return generated
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A sqlite MLflow store for the module's tests (creating its schema is the slow part), in a directory
+    that does not exist yet."""
+    from mlflow.utils.file_utils import path_to_local_sqlite_uri  # only the modules that track import MLflow
+
+    return path_to_local_sqlite_uri(tmp_path_factory.mktemp("store") / "sub" / "mlflow.db")

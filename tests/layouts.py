@@ -25,13 +25,6 @@ CITYSCAPES_TRAIN = {
 }
 CITYSCAPES_VAL = {"lindau": ["lindau_000000_000019", "lindau_000001_000019"]}
 
-#: overrides that turn any training config into a seconds-long twin on these fixtures
-TINY = [
-    "model=deeplabv3plus_small", "dataset.crop_size=64", "data.batch_size=2", "data.num_workers=0",
-    "trainer.iters=2", "trainer.log_every=1", "logger=none", "device=cpu",
-]  # fmt: skip
-
-
 def save_image(path: Path, height: int, width: int, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

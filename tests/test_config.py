@@ -1,5 +1,6 @@
 """Every option of every config group composes against the typed schema and builds its object."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gta.config import CONF_DIR, IMAGENET_MEAN, IMAGENET_STD
+from gta.config import CONF_DIR, IMAGENET_MEAN, IMAGENET_STD, PROJECT_ROOT
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 
@@ -54,15 +55,23 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
         assert instantiate(node) is not None
 
 
-def test_the_overrides_scripts_rely_on_exist():
-    cfg = compose("train", overrides=[
-        "dataset=synthetic", "split=all", "model=deeplabv3plus_small", "method=mean_teacher",
-        "ema.alpha=0.999", "reweight=none", "seed=3", "trainer.iters=7", "trainer.eval_every=2", "device=cpu",
-        "logger=none",
-    ])
-    assert (cfg.split, cfg.ema.alpha, cfg.seed, cfg.trainer.iters, cfg.device) == ("all", 0.999, 3, 7, "cpu")
-    assert cfg.logger._target_ == "gta.tracking.NullLogger"
-    assert compose("train", overrides=["logger.tracking_uri=http://127.0.0.1:1"]).logger.tracking_uri
+def documented_overrides() -> list[str]:
+    """The keys of the README's table "Overrides scripts can rely on" (each `key=` of its first column)."""
+    section = (PROJECT_ROOT / "README.md").read_text().split("### Overrides scripts can rely on\n", 1)[1]
+    rows = [line for line in section.lstrip("\n").split("\n\n", 1)[0].splitlines() if line.startswith("| `")]
+    return [key for row in rows for key in re.findall(r"`([\w.+]+)=`", row.split("|")[1])]
+
+
+def test_every_override_the_readme_promises_exists():
+    """Each key of the table is a config group (``dataset=``, ``+experiment=``) or a key of the composed
+    config, Hydra's own included (``hydra.run.dir=``)."""
+    keys = documented_overrides()
+    assert "trainer.iters" in keys and "hydra.run.dir" in keys, f"the README's table was not found: {keys}"
+    cfg = compose("train", return_hydra_config=True)
+    absent = object()
+    missing = [key for key in keys if not (Path(CONF_DIR) / key.removeprefix("+")).is_dir()
+               and OmegaConf.select(cfg, key, default=absent) is absent]
+    assert not missing, f"overrides the README promises that the config does not have: {missing}"
 
 
 def test_the_normalisation_is_the_models_unless_the_dataset_sets_its_own():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -26,12 +27,12 @@ from gta.data import (
 )
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TINY = {"num_labeled_pool": 10, "num_unlabeled": 5, "num_val": 5, "image_size": 32}
+SIZES = {"labeled": 10, "unlabeled": 5, "val": 5}  # the tiny dataset with a few more images of each kind
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> SyntheticShapes:
-    source = SyntheticShapes(tmp_path_factory.mktemp("synthetic") / "shapes", seed=0, **TINY)
+    source = helpers.shapes(tmp_path_factory.mktemp("synthetic") / "shapes", **SIZES)
     source.pools()
     return source
 
@@ -299,7 +300,7 @@ def test_split_dir_unknown_entry_is_named(shapes, tmp_path):
 
 
 def test_split_sample_without_an_image_is_named(tmp_path):
-    source = SyntheticShapes(tmp_path / "shapes", **TINY)
+    source = helpers.shapes(tmp_path / "shapes", **SIZES)
     source.pools()
     (tmp_path / "shapes" / "images" / "unl_00003.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 files .*\n  unl_00003: .*unl_00003\.png"):

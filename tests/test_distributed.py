@@ -6,22 +6,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed
 import torch.multiprocessing as mp
-from runs import ROOT, tiny
+from helpers import NaNAt, Recorder, assert_same_state, free_port, python, shapes, tiny
+from helpers import make_trainer as make_tiny_trainer
 from tiny import TinySegmenter
-from trainers import Recorder, assert_same_state, shapes
-from trainers import make_trainer as make_tiny_trainer
 
 from gta.data import build_val_loader
 from gta.engine.checkpoint import load_checkpoint
@@ -30,23 +26,9 @@ from gta.engine.evaluate import EvalProtocol, confusion_matrices
 from gta.engine.guard import NonFiniteLossError
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
-from gta.methods import GTASeg
 
 WORLD = 2
 ITERS = 6  # 2 images per rank and iteration (CutMix pairs them), 4 unlabeled images: 1 iteration per epoch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "shapes"
-    shapes(root).pools()  # generated once, before the processes start
-    return root
 
 
 def join(rank: int, port: int) -> Distributed:
@@ -64,15 +46,13 @@ def spawn(fn, *args) -> None:
 # --- the command ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_torchrun_trains_two_processes_into_one_run_directory(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # ${now:...%f} differs between any two processes unless they share rank 0's start time
     run_dir = f"hydra.run.dir={tmp_path}/runs/${{now:%H-%M-%S-%f}}"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={free_port()}",
-        "-m", "gta", "train", *tiny(tmp_path / "data"), "logger=none", "trainer.check_sync_every=1", run_dir,
-    ]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = python(
+        "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={free_port()}",
+        "-m", "gta", "train", *tiny(tmp_path / "data"), "trainer.check_sync_every=1", run_dir, cwd=tmp_path,
+        timeout=300,
+    )
 
     (run,) = (tmp_path / "runs").iterdir()  # one directory, written by rank 0 alone
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
@@ -134,12 +114,13 @@ def _collectives(rank: int, port: int, data_root: Path, confusion: torch.Tensor)
     torch.distributed.destroy_process_group()
 
 
-def test_gradients_buffers_and_checks_agree_across_processes(data_root):
+@pytest.mark.slow
+def test_gradients_buffers_and_checks_agree_across_processes(source):
     torch.manual_seed(0)
     model = TinySegmenter(6)
-    val = build_val_loader(shapes(data_root), shapes(data_root).pools()["val"])
+    val = build_val_loader(source, source.pools()["val"])
     confusion = confusion_matrices({"m": model}, val, 6, 255, EvalProtocol(), torch.device("cpu"))["m"]
-    spawn(_collectives, data_root, confusion)
+    spawn(_collectives, source.root, confusion)  # the processes read the dataset the fixture generated
 
 
 # --- the trainer ----------------------------------------------------------------------------------------
@@ -172,26 +153,17 @@ def _stop_and_resume(rank: int, port: int, data_root: Path, tmp_path: Path) -> N
     torch.distributed.destroy_process_group()
 
 
-def test_a_signal_on_one_rank_stops_all_and_resume_is_exact(data_root, tmp_path):
-    spawn(_stop_and_resume, data_root, tmp_path)
-
-
-class NaNOnRank1(GTASeg):
-    """GTA-Seg whose assistant loss turns NaN on rank 1 alone, at the 3rd iteration."""
-
-    def training_step(self, batch, progress, update):
-        def poisoned(name, loss):
-            bad = name == "assistant" and progress.iteration == 2 and torch.distributed.get_rank() == 1
-            update(name, loss * float("nan") if bad else loss)
-
-        return super().training_step(batch, progress, poisoned)
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_all_and_resume_is_exact(source, tmp_path):
+    spawn(_stop_and_resume, source.root, tmp_path)
 
 
 def _nonfinite_on_one_rank(rank: int, port: int, data_root: Path, tmp_path: Path) -> None:
     dist = join(rank, port)
     # Checked without a per-step sync: first at the checkpoint due after iteration 4, on both ranks.
     trainer = make_trainer(
-        data_root, tmp_path, dist, method_cls=NaNOnRank1, log_every=100, checkpoint_every=2, check_sync_every=0
+        data_root, tmp_path, dist, method_cls=partial(NaNAt, at=2, rank=1), log_every=100, checkpoint_every=2,
+        check_sync_every=0,
     )
     last = tmp_path / "checkpoints" / "last.pt"
     expected = (
@@ -207,10 +179,11 @@ def _nonfinite_on_one_rank(rank: int, port: int, data_root: Path, tmp_path: Path
     torch.distributed.destroy_process_group()
 
 
-def test_a_nonfinite_loss_on_one_rank_stops_all_before_the_checkpoint(data_root, tmp_path):
-    spawn(_nonfinite_on_one_rank, data_root, tmp_path)
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_stops_all_before_the_checkpoint(source, tmp_path):
+    spawn(_nonfinite_on_one_rank, source.root, tmp_path)
 
 
-def test_sync_bn_on_the_cpu_is_refused_by_name(data_root, tmp_path):
+def test_sync_bn_on_the_cpu_is_refused_by_name(source, tmp_path):
     with pytest.raises(ValueError, match=r"trainer.sync_bn=true needs CUDA \(this run is on cpu\)"):
-        make_trainer(data_root, tmp_path, Distributed(), sync_bn=True)
+        make_trainer(source.root, tmp_path, Distributed(), sync_bn=True)

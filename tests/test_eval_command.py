@@ -3,19 +3,16 @@ with the run's config and any protocol."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import gta, tiny
 from hydra import compose
-from layouts import TINY, write_folder
+from layouts import write_folder
 from omegaconf import OmegaConf
 
-from gta.config import PROJECT_ROOT
 from gta.errors import ConfigError
 from gta.eval import run as evaluate
 from gta.train import run as train
@@ -29,7 +26,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, float]:
     base = tmp_path_factory.mktemp("eval")
     root = write_folder(base / "mine")
     overrides = ["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3", "split=2",
-                 "method=suponly", *TINY, "trainer.iters=1"]  # fmt: skip
+                 "method=suponly", *tiny(iters=1, crop=64)]  # fmt: skip
     last = train(compose("train", overrides=overrides), run_dir=base / "run")
     return root, base / "run", last
 
@@ -88,12 +85,8 @@ def test_eval_command_line(trained, tmp_path):
     moved = tmp_path / "moved"
     root.rename(moved)
     try:
-        command = [sys.executable, "-m", "gta", "eval", f"checkpoint={run_dir / 'student.pt'}",
-                   f"dataset.root={moved}", "eval.mode=center_crop", "eval.crop_size=32", "device=cpu",
-                   f"hydra.run.dir={tmp_path / 'eval'}"]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        done = gta("eval", f"checkpoint={run_dir / 'student.pt'}", f"dataset.root={moved}", "eval.mode=center_crop",
+                   "eval.crop_size=32", "device=cpu", f"hydra.run.dir={tmp_path / 'eval'}", timeout=120)
     finally:
         moved.rename(root)
-    assert done.returncode == 0, done.stderr
     assert "center_crop 32" in done.stdout and "class_2" in done.stdout and "mIoU" in done.stdout

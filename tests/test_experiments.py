@@ -1,18 +1,18 @@
 """The datasets' recipes and every real dataset end to end: the design card's commands compose the paper's
 recipe, a command-line choice wins over it, each recipe runs as a 2-iteration twin on tiny fixtures (small
-model, 64-pixel crops), and the saved model is evaluated offline with ``eval``."""
+model, 64-pixel crops: ``helpers.tiny``), and the saved model is evaluated offline with ``eval``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from helpers import Recorder, tiny
 from hydra import compose
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from layouts import TINY, write_cityscapes, write_folder, write_voc
+from layouts import write_cityscapes, write_folder, write_voc
 from omegaconf import OmegaConf
-from recording import Recording
 
 from gta.config import CONF_DIR
 from gta.eval import run as evaluate
@@ -134,7 +134,7 @@ def test_a_sweep_over_datasets_gives_each_job_its_recipe():
 @pytest.mark.parametrize("name", ["pascal_voc", "pascal_voc_aug", "cityscapes", "folder"])
 def test_two_iterations_then_offline_evaluation(name, roots, tmp_path):
     overrides = runs(roots)[name]
-    cfg = compose("train", overrides=[*overrides, *TINY])
+    cfg = compose("train", overrides=[*overrides, *tiny(crop=64)])
     last = train(cfg, run_dir=tmp_path)
 
     labeled = (tmp_path / "split" / "labeled.txt").read_text().split()
@@ -154,13 +154,13 @@ def test_two_iterations_then_offline_evaluation(name, roots, tmp_path):
 
 @pytest.mark.slow
 def test_split_lists_best_and_all_models_are_logged(roots, tmp_path):
-    overrides = [*runs(roots)["pascal_voc"], *TINY, "logger._target_=recording.Recording",
-                 "eval.models=all", "trainer.iters=4", "trainer.eval_every=2"]  # fmt: skip
+    overrides = [*runs(roots)["pascal_voc"], *tiny(iters=4, crop=64), "logger._target_=helpers.Recorder",
+                 "eval.models=all", "trainer.eval_every=2"]  # fmt: skip
     train(compose("train", overrides=overrides), run_dir=tmp_path)
-    logged = Recording.runs[-1]
+    logged = Recorder.instances[-1]
     artifacts = {(p.name, where) for p, where in logged.artifacts}
     assert {("labeled.txt", "split"), ("unlabeled.txt", "split"), ("config.yaml", None)} <= artifacts
-    evaluations = [(step, m) for step, m in logged.metrics if "val/miou" in m]
+    evaluations = [(step, m) for step, m in sorted(logged.metrics.items()) if "val/miou" in m]
     assert [step for step, _ in evaluations] == [2, 4]
     assert {"val/teacher/miou", "val/student/miou", "val/assistant/miou"} <= set(evaluations[0][1])  # Table 6
     best = max(m["val/miou"] for _, m in evaluations)

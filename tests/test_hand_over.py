@@ -4,17 +4,14 @@ warmed-up student, so the first semi-supervised iteration changes little."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
-from tiny import TinySegmenter
+from helpers import sgd_update, tiny_method
 
 from gta.contract import Batch, Progress
 from gta.methods import GTASeg, MeanTeacher, UnbiasedST
 from gta.methods.ema import EMA
 from gta.methods.reference import GTASegReference
-from gta.methods.reweight import Confidence
 
 WARMUP = 30  # iterations of the one warm-up epoch: enough for the tiny network to learn the task below
 
@@ -27,8 +24,7 @@ METHODS = {
 
 
 def build(name: str):
-    torch.manual_seed(0)
-    return METHODS[name](partial(TinySegmenter, 3), EMA(alpha=0.99, ramp=True), Confidence(1.0), cutmix_prob=0.5)
+    return tiny_method(METHODS[name], ema=EMA(alpha=0.99, ramp=True))
 
 
 def task(seed: int, size: int = 4) -> Batch:
@@ -38,15 +34,8 @@ def task(seed: int, size: int = 4) -> Batch:
     return Batch(x_l, x_l.argmax(1), x_u, torch.zeros(size, 8, 8, dtype=torch.long))
 
 
-def sgd(method, lr: float = 0.2):
-    opts = {n: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for n, m in method.trained_models().items()}
-
-    def update(name, loss):
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
-
-    return update
+def sgd(method):
+    return sgd_update(method, lr=0.2, momentum=0.9)
 
 
 def warm_up(method, update):

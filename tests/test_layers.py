@@ -5,10 +5,9 @@ no dataset and no Hydra; the commands that load a saved model do not load anothe
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers import python
 
 RULES = {
     # layer: modules (prefixes) it must not load
@@ -26,8 +25,7 @@ RULES = {
 
 def loaded_by(module: str) -> list[str]:
     code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out)
+    return json.loads(python("-c", code).stdout)
 
 
 @pytest.mark.parametrize("layer", RULES)

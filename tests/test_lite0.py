@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import tiny
 from matplotlib import cbook
 from PIL import Image
 from timm.models._efficientnet_blocks import InvertedResidual
@@ -212,11 +213,8 @@ def test_a_lite0_run_evaluates_predicts_and_exports(tmp_path):
     from gta.train import run as train
 
     run_dir = tmp_path / "run"
-    last = train(compose("train", overrides=[
-        f"dataset.root={tmp_path / 'data'}", "dataset.num_labeled_pool=8", "dataset.num_unlabeled=8",
-        "dataset.num_val=4", "dataset.image_size=32", "dataset.crop_size=32", "split=4", "model=deeplabv3plus_lite0",
-        "method=suponly", "data.batch_size=2", "data.num_workers=0", "trainer.iters=2", "logger=none", "device=cpu",
-    ]), run_dir=run_dir)  # fmt: skip
+    overrides = [*tiny(tmp_path / "data"), "model=deeplabv3plus_lite0", "method=suponly"]
+    last = train(compose("train", overrides=overrides), run_dir=run_dir)
     checkpoint = f"checkpoint={run_dir / 'student.pt'}"
     assert evaluate(compose("eval", overrides=[checkpoint])) == pytest.approx(last, abs=1e-9)
 

@@ -4,49 +4,13 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import IPE, make_batch, sgd_update, snapshot, tiny_method
 from tiny import TinySegmenter
 
-from gta.contract import Batch, Progress
+from gta.contract import Progress
 from gta.methods import GTASeg, MeanTeacher, SupOnly
 from gta.methods.cutmix import cutmix
 from gta.methods.ema import EMA, ema_, ema_model_
-from gta.methods.reweight import Confidence
-
-IPE = 2  # iterations per epoch in these tests; warm-up is one epoch
-
-
-def make_batch(labeled_value: float = 5.0) -> Batch:
-    # Labeled images are a constant no unlabeled image ever contains, so any sighting is detectable.
-    x_l = torch.full((2, 3, 8, 8), labeled_value)
-    y_l = torch.randint(0, 3, (2, 8, 8))
-    x_u = torch.rand(2, 3, 8, 8)
-    return Batch(image=x_l, mask=y_l, unlabeled=x_u, unlabeled_mask=torch.zeros(2, 8, 8, dtype=torch.long))
-
-
-def sgd_update(method, log=None, check=None, lr=0.1):
-    opts = {n: torch.optim.SGD(m.parameters(), lr=lr) for n, m in method.trained_models().items()}
-
-    def update(name, loss):
-        if check:
-            check(name, loss)
-        if log is not None:
-            log.append(name)
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
-
-    return update
-
-
-def gta(**kw) -> GTASeg:
-    torch.manual_seed(0)
-    defaults = dict(ema=EMA(alpha=0.9, ramp=False), reweight=Confidence(1.0), cutmix_prob=0.5)
-    return GTASeg(partial(TinySegmenter, 3), **(defaults | kw))
-
-
-def snapshot(params):
-    return [p.detach().clone() for p in params]
-
 
 #: the second semi-supervised iteration: past the hand-over, so the formulas of Eqs. 9 and 12 apply as written
 AFTER_HAND_OVER = Progress(IPE + 1, IPE)
@@ -61,7 +25,7 @@ def handed_over(method):
 def test_gradient_routing_over_many_iterations():
     """After warm-up, the student's g only ever receives gradients from L_l and the assistant never
     sees labeled data."""
-    method = gta()
+    method = tiny_method()
     seen_by_assistant = []
     method.assistant.register_forward_pre_hook(lambda m, args: seen_by_assistant.append(args[0].detach()))
     student_g = method.student.mask_predictor_parameters()
@@ -94,7 +58,7 @@ def test_gradient_routing_over_many_iterations():
 
 
 def test_transmission_moves_only_the_feature_extractor():
-    method = handed_over(gta())
+    method = handed_over(tiny_method())
     alpha = 0.9
     student_f0 = snapshot(method.student.feature_extractor_parameters())
     student_g0 = snapshot(method.student.mask_predictor_parameters())
@@ -118,7 +82,7 @@ def test_transmission_moves_only_the_feature_extractor():
 
 
 def test_transmit_all_moves_the_mask_predictor_too():
-    method = handed_over(gta(transmit="all"))
+    method = handed_over(tiny_method(transmit="all"))
     g0 = snapshot(method.student.mask_predictor_parameters())
     checked = []
 
@@ -132,12 +96,11 @@ def test_transmit_all_moves_the_mask_predictor_too():
     method.training_step(make_batch(), AFTER_HAND_OVER, sgd_update(method, check=check))
     assert checked == ["student"]
     with pytest.raises(ValueError, match="method.transmit"):
-        gta(transmit="encoder")
+        tiny_method(transmit="encoder")
 
 
 def test_mean_teacher_student_learns_from_both_losses():
-    torch.manual_seed(0)
-    method = handed_over(MeanTeacher(partial(TinySegmenter, 3), EMA(0.9, ramp=False), Confidence(1.0), unsup_weight=0.5))
+    method = handed_over(tiny_method(MeanTeacher, unsup_weight=0.5))
     batch = make_batch()
     batch.unlabeled.requires_grad_(True)
     batch.image.requires_grad_(True)
@@ -198,9 +161,9 @@ def test_cutmix_keeps_image_label_and_confidence_aligned():
     assert cutmix([image], prob=0.0)[0] is image
 
 
-@pytest.mark.parametrize("make", [gta, lambda: MeanTeacher(partial(TinySegmenter, 3), EMA(0.9), Confidence(1.0))])
-def test_inspect_shows_the_targets_and_changes_nothing(make):
-    method = make()
+@pytest.mark.parametrize("cls", [GTASeg, MeanTeacher])
+def test_inspect_shows_the_targets_and_changes_nothing(cls):
+    method = tiny_method(cls)
     batch = make_batch()
     batch.unlabeled_mask[:, :, 6:] = 255  # two columns of crop padding
     before = snapshot(method.state_dict().values())

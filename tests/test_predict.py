@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import gta
 from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
-from runs import gta
 
 from gta.data import voc_palette
 from gta.export import run as export

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from runs import gta, tiny
+from helpers import gta, tiny
 
 from gta.engine.progress import ProgressReport
 
@@ -53,9 +53,9 @@ def test_a_bar_on_a_terminal_and_nothing_with_none():
         ProgressReport(0, 4, every=1, mode="fancy")
 
 
+@pytest.mark.slow
 def test_a_run_in_a_pipe_logs_lines(tmp_path):
-    result = gta("train", *tiny(tmp_path / "data"), "trainer.iters=4", "trainer.log_every=2", "logger=none",
-                 f"hydra.run.dir={tmp_path / 'run'}")
+    result = gta("train", *tiny(tmp_path / "data", iters=4), "trainer.log_every=2", f"hydra.run.dir={tmp_path / 'run'}")
     lines = [line for line in result.stderr.splitlines() if line.startswith("train ")]
     assert [line.split(" (")[0] for line in lines] == ["train 2/4", "train 4/4"]
     assert "student/loss_l" in lines[-1] and "mIoU" in lines[-1] and "\r" not in result.stderr

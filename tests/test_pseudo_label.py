@@ -82,7 +82,7 @@ def test_laplace_weights_and_loss_by_hand():
     margins = [2.0, 1.0, -1.0, 0.5, 0.0, 3.0]
     ce = [math.log1p(math.exp(-m)) for m in margins]
     loss = weighted_cross_entropy(two_class_logits(margins), t, IGNORE)
-    expected = sum(w * e for w, e in zip(expected_w, ce, strict=False)) / 3
+    expected = sum(w * e for w, e in zip(expected_w, ce, strict=True)) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import pytest
 import torch
+from helpers import IPE, configured_method, make_batch, sgd_update, snapshot, tiny_method
 from hydra import compose
 from hydra.utils import instantiate
-from test_methods import IPE, make_batch, snapshot
-from tiny import TinySegmenter
 
 from gta.contract import Progress
-from gta.methods.ema import EMA
 from gta.methods.pseudo_label import make_targets
 from gta.methods.reference import GTASegReference, Reference
 from gta.methods.reweight import Confidence
@@ -22,38 +19,18 @@ TOTAL = 4 * IPE  # warm-up epoch 0, first semi-supervised epoch 1, then epochs 2
 
 
 def gta(**switches) -> GTASegReference:
-    torch.manual_seed(0)
-    return GTASegReference(partial(TinySegmenter, 3), EMA(alpha=0.9, ramp=False), Confidence(1.0),
-                           cutmix_prob=0.5, reference=Reference(**switches))
+    return tiny_method(GTASegReference, reference=Reference(**switches))
 
 
 def shares(a, b) -> bool:
     return all(x.data_ptr() == y.data_ptr() for x, y in zip(a, b, strict=True))
 
 
-def stepping(method, before=None, after=None, lr=0.1):
-    """An ``update`` with plain SGD that calls ``before(name)`` / ``after(name)`` around each step."""
-    opts = {n: torch.optim.SGD(m.parameters(), lr=lr) for n, m in method.trained_models().items()}
-
-    def update(name, loss):
-        if before:
-            before(name)
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
-        if after:
-            after(name)
-
-    return update
-
-
-def run(method, iterations, **hooks):
+def run(method, iterations, before=None, after=None):
+    """``iterations`` of ``method`` with plain SGD, calling ``before(name)`` / ``after(name)`` around each step."""
+    check = before and (lambda name, loss: before(name))
     for it in iterations:
-        method.training_step(make_batch(), Progress(it, IPE), stepping(method, **hooks))
-
-
-def test_paper_behaviour_is_the_default():
-    assert all(value is False for value in dataclasses.asdict(gta().reference).values())
+        method.training_step(make_batch(), Progress(it, IPE), sgd_update(method, check=check, after=after))
 
 
 def test_shared_classifier_is_one_tensor_moved_by_both_optimisers():
@@ -213,7 +190,7 @@ def test_everything_on_trains_through_every_phase():
 
 def test_preset_turns_every_switch_on(hydra_conf):
     cfg = compose("train", overrides=["variant=gta_reference"])
-    method = instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
+    method = configured_method(cfg)
     assert isinstance(method, GTASegReference) and all(dataclasses.asdict(method.reference).values())
     assert method.ema.alpha == 0.999 and method.ema.ramp  # §5.6
     assert cfg.dataset.pad_label == 0 and cfg.dataset.scale_pivot == 1.0  # §5.8, §5.10
@@ -224,5 +201,5 @@ def test_preset_turns_every_switch_on(hydra_conf):
     assert paper.dataset.pad_label is None and paper.dataset.scale_pivot is None and paper.method.ema.alpha == 0.99
     assert "reference" not in paper.method  # the paper's GTA-Seg has no switches to set
     one = compose("train", overrides=["method=gta_reference", "method.reference.mixed_confidence=true"])
-    switches = instantiate(one.method, model=partial(TinySegmenter, 3)).reference
+    switches = configured_method(one).reference
     assert switches.mixed_confidence and not switches.shared_classifier

@@ -10,24 +10,20 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import GTA, ITERS, NaNAt, Recorder, assert_same_state, environment, make_trainer, tiny
 from hydra import compose
 from hydra.errors import ConfigCompositionException
-from trainers import ITERS, Recorder, assert_same_state, make_trainer
 
 from gta.engine import checkpoint as ckpt
 from gta.engine.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_models
 from gta.engine.guard import NonFiniteLossError
 from gta.engine.signals import TrainingInterrupted
-from gta.methods import GTASeg
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # --- resume -------------------------------------------------------------------------------------------------
 
@@ -90,18 +86,11 @@ def test_best_checkpoint_is_kept(source, tmp_path):
 # --- non-finite losses --------------------------------------------------------------------------------------
 
 
-class NaNAt(GTASeg):
-    """GTA-Seg whose assistant loss turns NaN at the 5th iteration."""
-
-    def training_step(self, batch, progress, update):
-        def poisoned(name, loss):
-            update(name, loss * float("nan") if name == "assistant" and progress.iteration == 4 else loss)
-
-        return super().training_step(batch, progress, poisoned)
+NAN_AT_5 = partial(NaNAt, at=4)  # GTA-Seg whose assistant loss turns NaN at the 5th iteration
 
 
 def test_nonfinite_loss_stops_and_the_last_checkpoint_stays_good(source, tmp_path):
-    trainer = make_trainer(source, tmp_path, method_cls=NaNAt, checkpoint_every=2)
+    trainer = make_trainer(source, tmp_path, method_cls=NAN_AT_5, checkpoint_every=2)
     last = tmp_path / "checkpoints" / "last.pt"
     expected = rf"non-finite loss nan for model 'assistant' at iteration 5.*{last} \(iteration 4\), is intact"
     with pytest.raises(NonFiniteLossError, match=expected):
@@ -114,7 +103,7 @@ def test_nonfinite_loss_stops_and_the_last_checkpoint_stays_good(source, tmp_pat
 
 def test_nonfinite_loss_between_log_steps_is_caught_before_the_checkpoint(source, tmp_path):
     """Losses are checked without a per-step sync: here first before the checkpoint due at iteration 6."""
-    trainer = make_trainer(source, tmp_path, method_cls=NaNAt, checkpoint_every=2, log_every=100)
+    trainer = make_trainer(source, tmp_path, method_cls=NAN_AT_5, checkpoint_every=2, log_every=100)
     last = tmp_path / "checkpoints" / "last.pt"
     expected = (
         rf"non-finite loss nan for model 'assistant' at iteration 5; training stopped at iteration 6 .*"
@@ -128,7 +117,7 @@ def test_nonfinite_loss_between_log_steps_is_caught_before_the_checkpoint(source
 
 
 def test_nonfinite_loss_skip_leaves_the_weights_finite(source, tmp_path):
-    trainer = make_trainer(source, tmp_path, method_cls=NaNAt, on_nonfinite="skip")
+    trainer = make_trainer(source, tmp_path, method_cls=NAN_AT_5, on_nonfinite="skip")
     with pytest.warns(RuntimeWarning, match="'assistant' at iteration 5; step skipped"):
         trainer.fit()
     assert all(p.isfinite().all() for p in trainer.method.parameters())
@@ -207,13 +196,6 @@ def test_checkpoint_of_another_model_names_the_mismatch(source, tmp_path):
 # --- configuration and the command --------------------------------------------------------------------------
 
 
-TINY = [
-    "dataset.num_labeled_pool=8", "dataset.num_unlabeled=0", "dataset.num_val=4", "dataset.image_size=32",
-    "dataset.crop_size=32", "data.batch_size=2", "model=deeplabv3plus_small", "logger=none",
-    "data.num_workers=0", "split=4", "device=cpu",
-]
-
-
 @pytest.mark.parametrize(("override", "culprit"), [
     ("trainer.checkpoint_evry=5", "checkpoint_evry"),
     ("trainer.checkpoint_every=often", "trainer.checkpoint_every"),
@@ -228,7 +210,7 @@ def test_new_keys_are_typed(hydra_conf, override, culprit):
 def test_bad_resume_path_and_unwritable_run_directory(hydra_conf, tmp_path):
     from gta.train import run
 
-    cfg = compose("train", overrides=[*TINY, f"dataset.root={tmp_path}/data", f"resume={tmp_path}/nope.pt"])
+    cfg = compose("train", overrides=[*tiny(tmp_path / "data"), f"resume={tmp_path}/nope.pt"])
     with pytest.raises(FileNotFoundError, match=rf"resume={tmp_path}/nope.pt: no checkpoint file there"):
         run(cfg, tmp_path / "run")
     (tmp_path / "a-file").write_text("")
@@ -239,18 +221,9 @@ def test_bad_resume_path_and_unwritable_run_directory(hydra_conf, tmp_path):
 # --- tracking -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    from mlflow.utils.file_utils import path_to_local_sqlite_uri
-
-    return path_to_local_sqlite_uri(tmp_path_factory.mktemp("store") / "mlflow.db")
-
-
 def tracked(store: str, tmp_path: Path, experiment: str) -> list[str]:
-    return [
-        *TINY, "logger=mlflow", f"logger.tracking_uri={store}", f"logger.experiment_name={experiment}",
-        f"dataset.root={tmp_path}/data", "trainer.iters=6", "trainer.log_every=1", "trainer.eval_every=0",
-    ]
+    return [*tiny(tmp_path / "data", unlabeled=0, iters=6, logger="mlflow"), f"logger.tracking_uri={store}",
+            f"logger.experiment_name={experiment}"]
 
 
 def steps(client, run_id: str, key: str = "train/student/loss_l") -> list[int]:
@@ -321,11 +294,8 @@ def test_resume_continues_the_same_tracking_run(hydra_conf, store, tmp_path, mon
 # --- end to end: kill the command ---------------------------------------------------------------------------
 
 
-def train_command(tmp_path: Path, run: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gta", "train", *TINY, f"hydra.run.dir={tmp_path}/{run}", *extra]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+def train_command(tmp_path: Path, run: str, *overrides: str) -> list[str]:
+    return [*GTA, "train", *overrides, f"hydra.run.dir={tmp_path}/{run}"]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -341,23 +311,23 @@ def test_sigkill_and_rerun_gives_bit_identical_weights(hydra_conf, tmp_path):
     from gta.train import run
 
     # 2 iterations per epoch, the first epoch a warm-up: checkpoints at 3 and 6 lie inside GTA-Seg epochs.
-    args = [f"dataset.root={tmp_path}/data", "trainer.iters=8", "trainer.checkpoint_every=3"]
+    args = [*tiny(tmp_path / "data", unlabeled=0, iters=8), "trainer.checkpoint_every=3"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the subprocesses (OMP_NUM_THREADS=1): the same reductions, bit for bit
     try:
-        run(compose("train", overrides=[*TINY, *args]), tmp_path / "reference")
+        run(compose("train", overrides=args), tmp_path / "reference")
     finally:
         torch.set_num_threads(threads)
 
     command = train_command(tmp_path, "run", *args)
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(tmp_path / "run" / "checkpoints" / "last.pt", process)
     process.send_signal(signal.SIGKILL)  # at any moment: possibly while the next checkpoint is written
     process.wait()
     stopped_at = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"]
     assert stopped_at < 8 and not (tmp_path / "run" / "teacher.pt").exists()
 
-    rerun = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    rerun = subprocess.run(command, env=environment(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming from {tmp_path}/run/checkpoints/last.pt after iteration {stopped_at}" in rerun.stderr
     expected = torch.load(tmp_path / "reference" / "teacher.pt", weights_only=True)
@@ -368,9 +338,8 @@ def test_sigkill_and_rerun_gives_bit_identical_weights(hydra_conf, tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
     """As SLURM does: every process of the job, DataLoader workers included, gets SIGTERM."""
-    args = [f"dataset.root={tmp_path}/data", "trainer.iters=1000", "trainer.checkpoint_every=2",
-            "data.num_workers=1"]
-    process = subprocess.Popen(train_command(tmp_path, "run", *args), env=ENV, stdout=subprocess.DEVNULL,
+    args = [*tiny(tmp_path / "data", unlabeled=0, iters=1000), "trainer.checkpoint_every=2", "data.num_workers=1"]
+    process = subprocess.Popen(train_command(tmp_path, "run", *args), env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(tmp_path / "run" / "checkpoints" / "last.pt", process)
     os.killpg(process.pid, signal.SIGTERM)

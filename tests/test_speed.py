@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ITERS, Recorder, make_trainer
 from syncs import HostSyncs
 from torch._dynamo.utils import counters
-from trainers import ITERS, Recorder, make_trainer
 
 from gta.engine.checkpoint import load_checkpoint
 from gta.engine.precision import Precision

@@ -8,9 +8,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import Recorder, tiny
 from hydra import compose
-from layouts import TINY, VOC_SBD_ONLY, write_cityscapes, write_voc
-from recording import Recording
+from layouts import VOC_SBD_ONLY, write_cityscapes, write_voc
 
 from gta.config import PROJECT_ROOT
 from gta.data import LISTS_DIR, Cityscapes, PascalVOC, PascalVOCAug, SyntheticShapes, published_list, select_split
@@ -148,13 +148,11 @@ def test_list_ids_missing_from_the_dataset_are_counted_and_named(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_with_split_92_trains_on_the_papers_92_and_logs_which(voc_92, tmp_path, hydra_conf):
-    overrides = ["dataset=pascal_voc", "split=92", f"dataset.root={voc_92}", *TINY,
-                 "logger._target_=recording.Recording"]  # fmt: skip
-    cfg = compose("train", overrides=overrides)
-    assert cfg.data.splits == "paper"  # the dataset's recipe
-    train(cfg, run_dir=tmp_path)
+    overrides = ["dataset=pascal_voc", "split=92", f"dataset.root={voc_92}", *tiny(crop=64),
+                 "logger._target_=helpers.Recorder"]  # fmt: skip
+    train(compose("train", overrides=overrides), run_dir=tmp_path)  # the recipe's data.splits: the paper's lists
     written = tmp_path / "split" / "labeled.txt"
     assert written.read_text().split() == voc_ids(PAPER_92)
-    params = Recording.runs[-1].params
+    params = Recorder.instances[-1].params
     assert (params["split/family"], params["split/list"], params["split/size"]) == ("paper", "92", "92")
     assert params["split/labeled_sha1"] == hashlib.sha1(written.read_bytes()).hexdigest()

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import submitit.slurm.slurm as submitit_slurm
+from helpers import gta, tiny
 from hydra import compose
 from hydra._internal.callbacks import Callbacks
 from hydra.core.global_hydra import GlobalHydra
@@ -16,7 +17,6 @@ from hydra.core.plugins import Plugins
 from hydra.types import HydraContext
 from mlflow import MlflowClient
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
-from runs import gta, tiny
 
 from gta.report import report
 from gta.tracking.sweep import PARENT_FILE, SweepParent
@@ -41,10 +41,6 @@ def test_launcher_group_picks_the_hydra_launcher(hydra_conf, launcher):
     # "where to run" never changes "what to run"
     plain = compose("train", overrides=[f"launcher={launcher}"])
     assert plain == compose("train")
-
-
-def test_basic_launcher_is_the_default(hydra_conf):
-    assert compose_with_hydra([]).hydra.launcher._target_ == LAUNCHERS["basic"]
 
 
 def _task(cfg):  # a module-level function: submitit pickles the task
@@ -96,7 +92,7 @@ def grid(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid")
     store = path_to_local_sqlite_uri(tmp / "mlflow.db")
     sweep = tmp / "sweep"
-    gta("train", "--multirun", *tiny(tmp / "data"), "launcher=local", f"hydra.sweep.dir={sweep}",
+    gta("train", "--multirun", *tiny(tmp / "data", logger="mlflow"), "launcher=local", f"hydra.sweep.dir={sweep}",
         f"logger.tracking_uri={store}", "logger.experiment_name=grid", "report.table=grid",
         "report.title=A 2x2 grid", "report.row=alpha ${ema.alpha}",
         "report.column=warm-up ${method.warmup_epochs}", *GRID)
@@ -170,7 +166,7 @@ def test_report_of_a_sweep_without_experiment_file(tmp_path):
     the key that varies and its one column after the metric, and shows no paper it does not have."""
     store = path_to_local_sqlite_uri(tmp_path / "mlflow.db")
     sweep = tmp_path / "sweep"
-    gta("train", "--multirun", *tiny(tmp_path / "data"), f"hydra.sweep.dir={sweep}",
+    gta("train", "--multirun", *tiny(tmp_path / "data", logger="mlflow"), f"hydra.sweep.dir={sweep}",
         f"logger.tracking_uri={store}", "method=suponly,gta", "seed=0,1")
     out = gta("report", str(sweep)).stdout
     lines = [line for line in out.splitlines() if line.startswith("|")]
@@ -187,17 +183,19 @@ def test_rerunning_a_sweep_skips_finished_jobs(tmp_path):
     """Into the same sweep dir: finished jobs are skipped, unfinished ones run, runs join the same parent."""
     store = path_to_local_sqlite_uri(tmp_path / "mlflow.db")
     sweep = tmp_path / "sweep"
-    args = ["train", "--multirun", *tiny(tmp_path / "data"), f"hydra.sweep.dir={sweep}",
+    args = ["train", "--multirun", *tiny(tmp_path / "data", logger="mlflow"), f"hydra.sweep.dir={sweep}",
             f"logger.tracking_uri={store}", "seed=0,1"]
     gta(*args)
     first = SweepParent.read(sweep)
     results = {job: json.loads((sweep / job / "result.json").read_text()) for job in ("0", "1")}
     assert [r["overrides"][-1] for r in results.values()] == ["seed=0", "seed=1"]
     (sweep / "1" / "result.json").unlink()  # as if job 1 had been killed before the end
+    finished = (sweep / "0" / "result.json").stat().st_mtime_ns
 
     out = gta(*args).stdout
     assert out.count("skipped") == 1 and f"{sweep / '0'} finished before" in out
-    assert out.count("<- reported") == 1  # only job 1 trained again
+    assert (sweep / "0" / "result.json").stat().st_mtime_ns == finished  # job 0 did not run again
+    assert (sweep / "1" / "result.json").is_file()  # job 1 did, to its end
     assert SweepParent.read(sweep) == first  # the same parent run, re-opened
     client = MlflowClient(store)
     jobs = client.search_runs([first.experiment_id], f"tags.mlflow.parentRunId = '{first.run_id}'")

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, free_port, python
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
@@ -31,24 +27,10 @@ from gta.tracking.mlflow import (
     sqlite_path,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One sqlite store for the whole module: creating its schema is the slow part."""
-    return path_to_local_sqlite_uri(tmp_path_factory.mktemp("store") / "sub" / "mlflow.db")
-
 
 @pytest.fixture(scope="module")
 def client(store) -> MlflowClient:
     return MlflowClient(store)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def history(client, run_id, key):
@@ -258,6 +240,4 @@ def test_null_logger_never_imports_mlflow():
         "assert log.run_id is None and log.location == 'nowhere (logger=none)'\n"
         "assert 'mlflow' not in sys.modules, 'mlflow imported'\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    python("-c", code)

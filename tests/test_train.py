@@ -1,27 +1,19 @@
 """End to end through the real CLI: runs land in MLflow; bad input fails with a message naming it."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import gta, python, tiny
 
-TINY = [
-    "dataset.num_labeled_pool=8", "dataset.num_unlabeled=0", "dataset.num_val=4", "dataset.image_size=32",
-    "dataset.crop_size=32", "data.batch_size=2", "data.val_batch_size=4", "split=4", "trainer.iters=4",
-    "trainer.log_every=2", "device=cpu",  # 4 unlabeled images: 2 iterations of warm-up, 2 past it
-]
-
+pytestmark = pytest.mark.slow  # every test runs the command in a subprocess
 
 #: the last line Hydra writes under an error's message
 HINT = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
 
 
-def gta(*args: str, cwd: Path, **environment: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0", **environment}
-    return subprocess.run([sys.executable, "-m", "gta", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+def run4(data_root: Path, logger: str = "none") -> list[str]:
+    """4 iterations on 4 + 4 images, 2 of warm-up and 2 past it, every second one logged."""
+    return [*tiny(data_root, unlabeled=0, iters=4, logger=logger), "trainer.log_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +23,13 @@ def data_root(tmp_path_factory) -> Path:
 
 def test_multirun_of_all_methods_logs_each_run_to_mlflow(tmp_path, data_root):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = gta("train", "--multirun", "method=suponly,mean_teacher,gta", *TINY, f"dataset.root={data_root}",
+    result = gta("train", "--multirun", "method=suponly,mean_teacher,gta", *run4(data_root, logger="mlflow"),
                  f"logger.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "val mIoU teacher" in result.stdout and "logged to  MLflow run" in result.stdout
     assert f"browse     mlflow ui --backend-store-uri {uri} --host 127.0.0.1" in result.stdout
+    # without launcher=, Hydra's basic launcher ran the jobs in this one process (submitit leaves .submitit/)
+    written = {p.name for p in (tmp_path / "sweep").iterdir()}
+    assert {"0", "1", "2"} <= written and ".submitit" not in written, written
 
     from mlflow import MlflowClient
 
@@ -96,8 +90,7 @@ def test_bad_input_fails_with_a_message_naming_the_culprit(overrides, culprit, t
 
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
-    result = gta("train", *TINY, f"dataset.root={data_root}", "logger=none", *overrides, cwd=tmp_path)
-    assert result.returncode == 1
+    result = gta("train", *run4(data_root), *overrides, cwd=tmp_path, returncode=1)
     assert culprit in result.stderr, result.stderr[-2000:]
     if "hydra.run.dir" not in overrides[0]:  # Hydra creates the run directory, and reports that failure itself
         assert "Traceback" not in result.stderr, result.stderr[-2000:]  # the message, not forty lines of stack
@@ -107,8 +100,7 @@ def test_bad_input_fails_with_a_message_naming_the_culprit(overrides, culprit, t
 @pytest.mark.parametrize("full_error", ["0", "1"])
 def test_a_missing_root_ends_with_its_message_and_hydra_full_error_shows_the_stack(full_error, tmp_path):
     overrides = ["dataset=folder", "dataset.num_classes=3", "dataset.root=/no/such/root", "logger=none"]
-    result = gta("train", *overrides, cwd=tmp_path, HYDRA_FULL_ERROR=full_error)
-    assert result.returncode == 1
+    result = gta("train", *overrides, cwd=tmp_path, returncode=1, HYDRA_FULL_ERROR=full_error)
     assert "Dataset root /no/such/root does not exist" in result.stderr, result.stderr[-2000:]
     if full_error == "1":
         assert "Traceback" in result.stderr and "gta.errors.MissingPathError: Dataset root" in result.stderr
@@ -125,19 +117,15 @@ def test_a_bug_keeps_its_traceback(tmp_path):
         "from gta.cli import main\n"
         "main(['train', 'logger=none'])\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 1
+    result = python("-c", code, cwd=tmp_path, timeout=300, returncode=1)
     assert "Traceback" in result.stderr and "in broken" in result.stderr
     assert "ValueError: not the user: a bug" in result.stderr
 
 
 def test_a_failing_job_of_a_multirun_fails_the_sweep_naming_it(tmp_path, data_root):
-    tiny = [o for o in TINY if not o.startswith("split=")]
-    result = gta("train", "--multirun", "split=4,many", *tiny, f"dataset.root={data_root}", "logger=none",
-                 "method=suponly", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
-    assert result.returncode == 1
+    unsplit = [o for o in run4(data_root) if not o.startswith("split=")]
+    result = gta("train", "--multirun", "split=4,many", *unsplit, "method=suponly", f"hydra.sweep.dir={tmp_path}/sweep",
+                 cwd=tmp_path, returncode=1)
     assert "val mIoU student" in result.stdout  # the good job ran
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     # which job failed, and why
@@ -147,14 +135,11 @@ def test_a_failing_job_of_a_multirun_fails_the_sweep_naming_it(tmp_path, data_ro
 
 
 def test_logger_none_runs_without_ever_importing_mlflow(tmp_path, data_root):
-    overrides = [*TINY, f"dataset.root={data_root}", "logger=none", "method=suponly", f"hydra.run.dir={tmp_path}/run"]
+    overrides = [*run4(data_root), "method=suponly", f"hydra.run.dir={tmp_path}/run"]
     code = (
         "import sys\nfrom gta.cli import main\n"
         f"main(['train', *{overrides!r}])\n"
         "print('mlflow imported:', 'mlflow' in sys.modules)\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = python("-c", code, cwd=tmp_path, timeout=300)
     assert "mlflow imported: False" in result.stdout

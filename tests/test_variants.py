@@ -3,19 +3,13 @@ warm-up length, transmission scope and re-weighting, each composed from the conf
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
+from helpers import IPE, configured_method, make_batch, sgd_update, snapshot, tiny_method
 from hydra import compose
-from hydra.utils import instantiate
-from test_methods import IPE, gta, make_batch, sgd_update, snapshot
-from tiny import TinySegmenter
 
 from gta.contract import Progress
 from gta.methods import GTASeg, MeanTeacher, UnbiasedST
-from gta.methods.ema import EMA
-from gta.methods.reweight import Confidence, Uniform
 from gta.models import Segmenter
 
 AFTER_WARMUP = Progress(IPE, IPE)
@@ -35,13 +29,8 @@ def reaches(loss, tensors):
 # --- Unbiased ST ------------------------------------------------------------------------------------------
 
 
-def unbiased(**kw) -> UnbiasedST:
-    torch.manual_seed(0)
-    return UnbiasedST(partial(TinySegmenter, 3), EMA(0.9, ramp=False), Confidence(1.0), **kw)
-
-
 def test_unbiased_st_heads_learn_from_their_own_data_and_share_f():
-    method = unbiased()
+    method = tiny_method(UnbiasedST)
     student = method.student
     main_head = list(student.network.head.parameters())
     pseudo_head = list(student.pseudo_head.parameters())
@@ -70,7 +59,7 @@ def test_unbiased_st_heads_learn_from_their_own_data_and_share_f():
 
 
 def test_unbiased_st_pseudo_labels_never_reach_the_main_head():
-    method = unbiased()
+    method = tiny_method(UnbiasedST)
     main_head = list(method.student.network.head.parameters())
     batch = watch(make_batch())
     loss_u = torch.nn.functional.cross_entropy(method.student.pseudo(batch.unlabeled), batch.mask)
@@ -79,7 +68,7 @@ def test_unbiased_st_pseudo_labels_never_reach_the_main_head():
 
 
 def test_unbiased_st_evaluates_and_reports_only_the_labeled_head():
-    method = unbiased()
+    method = tiny_method(UnbiasedST)
     assert method.reported == "teacher" and set(method.evaluated_models()) == {"teacher", "student"}
     x = torch.rand(2, 3, 8, 8)
     method.eval()
@@ -91,7 +80,7 @@ def test_unbiased_st_evaluates_and_reports_only_the_labeled_head():
 
 
 def test_unbiased_st_warmup_trains_the_main_head_only():
-    method = unbiased()
+    method = tiny_method(UnbiasedST)
     head0 = snapshot(method.student.pseudo_head.parameters())
     stats = method.training_step(make_batch(), Progress(0, IPE), sgd_update(method))
     assert set(stats) == {"student/loss_l"}
@@ -118,11 +107,9 @@ def test_segmenter_second_mask_predictor_shares_the_feature_extractor():
 # --- Table 7: what the assistant and the student learn from -----------------------------------------------
 
 
-@pytest.mark.parametrize(("assistant_data", "student_data"), [
-    ("pseudo", "labeled"), ("labeled", "pseudo"), ("labeled+pseudo", "labeled"), ("labeled+pseudo", "pseudo"),
-])
-def test_data_routing(assistant_data, student_data):
-    method = gta(assistant_data=assistant_data, student_data=student_data)
+def routed(method, progress=AFTER_WARMUP) -> tuple[dict, dict]:
+    """One training step: which data (``labeled`` images, ``unlabeled`` ones) each model's loss reached, and
+    the step's statistics."""
     batch = watch(make_batch())
     seen = {}
 
@@ -135,7 +122,14 @@ def test_data_routing(assistant_data, student_data):
         loss.backward(retain_graph=True)  # both models may share the graph of the watched, CutMixed x_u
         opts[name].step()
 
-    stats = method.training_step(batch, AFTER_WARMUP, update)
+    return seen, method.training_step(batch, progress, update)
+
+
+@pytest.mark.parametrize(("assistant_data", "student_data"), [
+    ("pseudo", "labeled"), ("labeled", "pseudo"), ("labeled+pseudo", "labeled"), ("labeled+pseudo", "pseudo"),
+])
+def test_data_routing(assistant_data, student_data):
+    seen, stats = routed(tiny_method(assistant_data=assistant_data, student_data=student_data))
     for name, data in (("assistant", assistant_data), ("student", student_data)):
         sources = data.split("+")
         assert seen[name] == {"unlabeled": "pseudo" in sources, "labeled": "labeled" in sources}, name
@@ -145,11 +139,11 @@ def test_data_routing(assistant_data, student_data):
 
 def test_data_routing_rejects_unknown_data():
     with pytest.raises(ValueError, match=r"method.student_data.*'unlabeled'"):
-        gta(student_data="unlabeled")
+        tiny_method(student_data="unlabeled")
 
 
 def test_warmup_length_trains_the_student_on_labels_for_that_many_epochs():
-    method = gta(warmup_epochs=2)
+    method = tiny_method(warmup_epochs=2)
     order = []
     for it in range(3 * IPE):
         method.training_step(make_batch(), Progress(it, IPE), sgd_update(method, order))
@@ -160,30 +154,50 @@ def test_warmup_length_trains_the_student_on_labels_for_that_many_epochs():
 
 
 def build(overrides):
-    cfg = compose("train", overrides=overrides)
-    return instantiate(cfg.method, model=partial(TinySegmenter, cfg.dataset.num_classes))
+    return configured_method(compose("train", overrides=overrides))
+
+
+C, KEEP = torch.tensor([0.8, 0.4, 0.2]), torch.tensor([True, True, False])
+
+
+def weighs(raw: list[float]):
+    """The re-weighting gives the kept pixels weights proportional to ``raw``, summing to their number."""
+    expected = torch.tensor(raw) * KEEP
+    return lambda m: torch.allclose(m.reweight(C, KEEP), expected * KEEP.sum() / expected.sum())
 
 
 @pytest.mark.parametrize(("overrides", "check"), [
     (["method=unbiased_st"], lambda m: isinstance(m, UnbiasedST)),
-    (["method.transmit=all"], lambda m: m.transmit == "all"),
-    (["method.assistant_data=labeled", "method.student_data=pseudo"],
-     lambda m: (m.assistant_data, m.student_data) == ("labeled", "pseudo")),
-    (["method.assistant_data=labeled+pseudo"], lambda m: m.assistant_data == "labeled+pseudo"),
-    (["method.warmup_epochs=3"], lambda m: m.warmup_epochs == 3),
-    (["reweight=none"], lambda m: isinstance(m.reweight, Uniform)),
-    (["reweight=confidence"], lambda m: isinstance(m.reweight, Confidence) and m.reweight.tau == 0.0),
-    (["reweight=laplace"], lambda m: isinstance(m.reweight, Confidence) and m.reweight.tau == 1.0),
+    (["reweight=none"], weighs([1.0, 1.0, 1.0])),
+    (["reweight=confidence"], weighs([0.8, 0.4, 0.2])),  # w ∝ c
+    (["reweight=laplace"], weighs([1.8, 1.4, 1.2])),  # Eq. 6: w ∝ c + 1
     # the baseline of Tables 1 and 4 (and make compare): Mean Teacher without re-weighting
-    (["variant=mean_teacher"], lambda m: isinstance(m, MeanTeacher) and isinstance(m.reweight, Uniform)),
+    (["variant=mean_teacher"], lambda m: isinstance(m, MeanTeacher) and weighs([1.0, 1.0, 1.0])(m)),
 ])
 def test_variant_options_compose(hydra_conf, overrides, check):
     method = build(overrides)
     assert check(method), overrides
 
 
-def test_paper_defaults(hydra_conf):
+def test_the_default_config_trains_as_the_paper_does(hydra_conf):
+    """GTA-Seg from the default config: one warm-up epoch of the student alone; then the assistant learns from
+    pseudo-labels only, the student from labels only, and the student takes the assistant's feature extractor
+    and nothing else (Eq. 9)."""
     method = build([])
     assert isinstance(method, GTASeg)
-    assert (method.transmit, method.assistant_data, method.student_data, method.warmup_epochs) == (
-        "feature_extractor", "pseudo", "labeled", 1)
+    order = []
+    for it in range(IPE):
+        method.training_step(make_batch(), Progress(it, IPE), sgd_update(method, order))
+    assert order == ["student"] * IPE
+    seen, _ = routed(method, Progress(IPE, IPE))
+    assert seen == {"assistant": {"unlabeled": True, "labeled": False},
+                    "student": {"unlabeled": False, "labeled": True}}
+
+    with torch.no_grad():  # an assistant unlike the student; no model steps itself below
+        for p in method.assistant.parameters():
+            p.add_(1.0)
+    student = method.student
+    f0, g0 = snapshot(student.feature_extractor_parameters()), snapshot(student.mask_predictor_parameters())
+    method.training_step(make_batch(), Progress(IPE + 1, IPE), lambda name, loss: None)
+    assert not any(torch.equal(p, p0) for p, p0 in zip(student.feature_extractor_parameters(), f0, strict=True))
+    assert all(torch.equal(p, p0) for p, p0 in zip(student.mask_predictor_parameters(), g0, strict=True))
