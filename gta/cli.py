@@ -62,7 +62,13 @@ def report() -> None:
     """Tabulate a sweep like the paper (``python -m gta report --help``)."""
     from gta.report import main as report_main
 
-    report_main(sys.argv[1:])
+    try:
+        report_main(sys.argv[1:])
+    except UserError as error:
+        if full_error():
+            raise
+        print(error, file=sys.stderr)
+        sys.exit(1)
 
 
 COMMANDS = {

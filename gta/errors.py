@@ -16,6 +16,7 @@ __all__ = [
     "DataError",
     "MissingFilesError",
     "MissingPathError",
+    "NoRunsError",
     "OccupiedPathError",
     "UnreachableServerError",
     "UnwritablePathError",
@@ -68,3 +69,7 @@ class UnwritablePathError(UserError, PermissionError):
 
 class UnreachableServerError(UserError, ConnectionError):
     """A server the config names does not answer."""
+
+
+class NoRunsError(UserError, LookupError):
+    """What ``gta report`` was asked to tabulate holds no finished runs."""

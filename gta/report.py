@@ -30,6 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gta.errors import MissingPathError, NoRunsError
 from gta.tracking.sweep import PARENT_FILE, SweepParent
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -353,7 +354,7 @@ def locate(source: str, tracking_uri: str | None) -> Source:
     if path.is_dir():
         parent = SweepParent.read(path)
         if parent is None:
-            raise FileNotFoundError(f"{path} holds no {PARENT_FILE}: not a sweep logged to MLflow")
+            raise MissingPathError(f"{path} holds no {PARENT_FILE}: not a sweep logged to MLflow")
         client = MlflowClient(parent.tracking_uri)
         layout = layout_of_sweep(path) or Layout(title=path.name)
         return Source(client, children(client, parent.run_id), layout, path.name, parent.run_id, path)
@@ -371,7 +372,7 @@ def locate(source: str, tracking_uri: str | None) -> Source:
     runs = search_all(client, experiments, f"tags.experiment = '{source}'") if experiments else []
     jobs = [r for r in runs if PARENT_TAG in r.data.tags]
     if not jobs:
-        raise LookupError(
+        raise NoRunsError(
             f"no runs tagged experiment={source} at {client.tracking_uri}; give a sweep directory, a parent "
             "run id or the name of an experiment file that was swept (python -m gta train --multirun "
             f"+experiment={source})"
@@ -396,7 +397,7 @@ def report(source: str, out_dir: str | Path | None = None, tracking_uri: str | N
     layout = named_axes(found.layout, found.runs)
     placed, notes = results(found.runs, layout)
     if not placed:
-        raise LookupError(f"no finished runs with results for {source}" + "".join(f"\n  {n}" for n in notes))
+        raise NoRunsError(f"no finished runs with results for {source}" + "".join(f"\n  {n}" for n in notes))
     rows, columns, table = cells(placed, layout)
     text = markdown(layout, rows, columns, table)
     if out_dir is None and found.sweep_dir is not None and found.sweep_dir.is_dir():

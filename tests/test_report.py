@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from helpers import gta
 
 from gta.report import Layout, cells, draw, figure, markdown, named_axes, results, varying_keys, write_csv
 
@@ -131,3 +132,14 @@ def test_the_labeled_lists_of_the_runs_are_named(tmp_path):
         "paper", "92", "92")
     assert records["92"]["labeled_sha1"] == "a" * 40
     assert (records["183"]["split_family"], records["183"]["labeled_sha1"]) == ("cps;paper", f"{'c' * 40};{'b' * 40}")
+
+
+@pytest.mark.slow
+def test_a_source_without_runs_ends_with_its_message(tmp_path):
+    """A directory that is no sweep, or a name no run is tagged with: the message alone, exit status 1."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    not_a_sweep = gta("report", str(tmp_path), "--tracking-uri", store, cwd=tmp_path, returncode=1)
+    assert "holds no mlflow_parent.json: not a sweep logged to MLflow" in not_a_sweep.stderr
+    unknown = gta("report", "table42", "--tracking-uri", store, cwd=tmp_path, returncode=1)
+    assert "no runs tagged experiment=table42" in unknown.stderr
+    assert "Traceback" not in not_a_sweep.stderr + unknown.stderr

@@ -70,7 +70,7 @@ class GTASeg(SelfTraining):
         # Step 6 (Eq. 9): representation knowledge transmission into the student's feature extractor.
         ema_(self.transmitted(self.student), self.transmitted(self.assistant), decay)
 
-        # Steps 7 (Eqs. 10-11): the student learns from ground truth (method.student_data).
+        # Step 7 (Eqs. 10-11): the student learns from ground truth (method.student_data).
         student = self.losses(self.student, self.student_data, batch, targets)
         update("student", self.total(student))
 
