@@ -86,22 +86,30 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
 
-    def runs(model: str, variant: str, extra: list[str], name: str) -> list[dict]:
+    def jobs(model: str, variant: str, extra: list[str], name: str) -> list[tuple[list[str], Path]]:
         chosen = [f"model={MODELS[model]}"] if MODELS[model] else []
         replaced = {e.split("=", 1)[0] for e in extra}
         kept = [o for o in args.overrides if o.split("=", 1)[0] not in replaced]
         overrides = [f"variant={variant}", *chosen, *logger, *kept, *extra]
-        jobs = [(overrides + [f"seed={s}"], args.out / "compare" / f"{model}-{name}-seed{s}") for s in args.seeds]
-        return list(pool.map(lambda job: train(*job, threads), jobs))
+        return [(overrides + [f"seed={s}"], args.out / "compare" / f"{model}-{name}-seed{s}") for s in args.seeds]
+
+    def results(grid: list[list[tuple]]) -> list[list[dict]]:
+        """Every job of ``grid``, --jobs at a time; each inner list is one row's seeds."""
+        flat = [job for row_jobs in grid for job in row_jobs]
+        if not args.no_mlflow:  # one run creates the tracking store, before several open it at once
+            train(*flat[0], threads)
+        done = iter(pool.map(lambda job: train(*job, threads), flat))
+        return [[next(done) for _ in row_jobs] for row_jobs in grid]
 
     rows = []
     with ThreadPoolExecutor(args.jobs) as pool:
         for model in args.models:
-            for method, variant in METHODS.items():
-                rows.append(row(model, method, "split", runs(model, variant, [], variant)))
+            grid = [jobs(model, variant, [], variant) for variant in METHODS.values()]
+            for method, found in zip(METHODS, results(grid), strict=True):
+                rows.append(row(model, method, "split", found))
             # the bound: every labeled image, as many iterations as the semi-supervised runs
-            bound = runs(model, "suponly", ["split=all", f"trainer.iters={rows[-1]['iterations']}"], "all-labels")
-            rows.append(row(model, "SupOnly", "all", bound))
+            bound = jobs(model, "suponly", ["split=all", f"trainer.iters={rows[-1]['iterations']}"], "all-labels")
+            rows.append(row(model, "SupOnly", "all", results([bound])[0]))
 
     table = markdown(rows)
     args.out.mkdir(parents=True, exist_ok=True)
