@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from evalnet import PixelNet, evaluate_share
+from helpers import ITERS, assert_same_state, make_trainer
 from torch import nn
 
 from gta.engine.evaluate import EvalProtocol, confusion_matrices, predict_logits, sliding_logits
@@ -114,3 +115,15 @@ def test_confusion_matrices_are_summed_across_processes(tmp_path):
     assert single.sum() == 5 * 64
     for rank in (0, 1):  # every rank ends with the global matrix
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), single)
+
+
+def test_evaluating_leaves_the_training_as_it_was(source, tmp_path):
+    """A run trains the same whether it evaluates every iteration or only at its end: evaluation draws
+    nothing from the random numbers training uses (CutMix boxes, dropout)."""
+    trained = {}
+    for every in (0, 1):
+        trainer = make_trainer(source, tmp_path / f"every{every}", eval_every=every)
+        trainer.fit()
+        trained[every] = trainer.method.state_dict()
+        assert len(trainer.history) == (ITERS if every else 1)
+    assert_same_state(trained[0], trained[1])

@@ -454,6 +454,9 @@ def build_val_loader(
         Guarded(val), bad_samples=bad_samples or BadSamples("stop"), collate_fn=collate_by_size,
         batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor,
+        # A private generator: each pass would otherwise draw its workers' base seed from the global RNG
+        # and so change the CutMix boxes and dropout masks of every iteration after an evaluation.
+        generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
 
 
