@@ -181,7 +181,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
                   "iterations": trainer.total_iters, "wall_time_s": round(trainer.wall_time, 1)}
         (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         print(summary(trainer, source, split, logger))
-        line = comparison(overrides, cfg.model.encoder_name)
+        # composed in-process (a script), a run has no command line to tell its budget by
+        line = comparison(overrides, cfg.model.encoder_name) if HydraConfig.initialized() else None
         if line:
             print(line)
     return reported

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny
+from hydra import compose
 
 from gta import train
 from gta.config import PROJECT_ROOT
@@ -52,3 +54,13 @@ def test_compare_runs_the_grid_with_the_all_labels_bound(tmp_path):
     assert all(len(r["values"]) == 2 and r["iterations"] == 3 for r in rows)  # the bound: as many iterations
     table = (tmp_path / "out" / "compare.md").read_text().splitlines()
     assert table[0].startswith("| network | method | labels |") and len(table) == 2 + len(rows)
+
+
+@pytest.mark.slow
+def test_a_run_composed_in_a_script_does_not_claim_the_demos_budget(tmp_path, monkeypatch, capsys, hydra_conf):
+    """A script that composes its own budget (``trainer.iters=60``, say) has no command line to check."""
+    monkeypatch.setattr(train, "REFERENCE", reference(tmp_path / "compare.json"))
+    cfg = compose("train", overrides=[*tiny(tmp_path / "data"), "variant=suponly"])  # the small network: tu-resnet10t
+    train.run(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "val mIoU student" in out and "make compare" not in out
