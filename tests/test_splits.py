@@ -14,6 +14,7 @@ from layouts import VOC_SBD_ONLY, write_cityscapes, write_voc
 
 from gta.config import PROJECT_ROOT
 from gta.data import LISTS_DIR, Cityscapes, PascalVOC, PascalVOCAug, SyntheticShapes, published_list, select_split
+from gta.train import REFERENCE
 from gta.train import run as train
 
 PAPER_92 = LISTS_DIR / "paper" / "pascal_voc" / "92.txt"
@@ -75,12 +76,13 @@ def test_every_list_is_whole_and_of_its_size():
         assert columns == ({1} if family == "paper" else {2}), path
 
 
-def test_the_lists_are_package_data():
+def test_the_lists_and_the_demos_comparison_table_are_package_data():
     """A non-editable install carries exactly the files pyproject.toml declares."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     config = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     declared = {p for pattern in config["package-data"]["gta.data"] for p in (PROJECT_ROOT / "gta/data").glob(pattern)}
-    assert declared == set(LISTS_DIR.rglob("*.txt"))
+    assert REFERENCE.is_file()
+    assert declared == set(LISTS_DIR.rglob("*.txt")) | {REFERENCE}
 
 
 # --- finding a list -----------------------------------------------------------------------------------------
