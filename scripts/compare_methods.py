@@ -7,7 +7,7 @@ CPU threads), logged to MLflow (experiment "compare") unless ``--no-mlflow``. Wr
 ``bench-results/compare.{md,json}``; with ``--reference`` (and no overrides) also the table the demo
 prints its comparison line from (``gta/data/synthetic_compare.json``).
 
-    python scripts/compare_methods.py [--seeds 0 1 2] [--jobs 2] [--models small lite0] [overrides ...]
+    python scripts/compare_methods.py [--seeds 0 1 2] [--jobs 2] [--models own lite0] [overrides ...]
     python scripts/compare_methods.py dataset=folder dataset.root=/data/mine dataset.num_classes=4 ...
 """
 
