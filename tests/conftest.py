@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from helpers import shapes
 from hydra import initialize_config_dir
@@ -16,6 +20,17 @@ def hydra_conf():
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         yield
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory, request) -> Iterator[Path]:
+    """A directory for what a module's tests share (a trained run weighs hundreds of MB), removed after the
+    module's last test unless one of them failed, as ``tmp_path_retention_policy`` does for a test's own."""
+    path = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    failed_before = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

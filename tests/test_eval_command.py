@@ -21,14 +21,13 @@ pytestmark = pytest.mark.usefixtures("hydra_conf")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path, float]:
+def trained(module_dir: Path) -> tuple[Path, Path, float]:
     """(dataset root, run directory, last validation mIoU) of a one-iteration SupOnly run on folder data."""
-    base = tmp_path_factory.mktemp("eval")
-    root = write_folder(base / "mine")
+    root = write_folder(module_dir / "mine")
     overrides = ["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3", "split=2",
                  "method=suponly", *tiny(iters=1, crop=64)]  # fmt: skip
-    last = train(compose("train", overrides=overrides), run_dir=base / "run")
-    return root, base / "run", last
+    last = train(compose("train", overrides=overrides), run_dir=module_dir / "run")
+    return root, module_dir / "run", last
 
 
 def test_eval_reproduces_the_runs_last_evaluation_and_takes_overrides(trained):

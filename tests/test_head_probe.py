@@ -21,10 +21,9 @@ def load_script():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("probe")
-    gta("train", *tiny(tmp / "data", iters=4), f"hydra.run.dir={tmp / 'run'}")
-    return tmp / "run"
+def run_dir(module_dir):
+    gta("train", *tiny(module_dir / "data", iters=4), f"hydra.run.dir={module_dir / 'run'}")
+    return module_dir / "run"
 
 
 @pytest.mark.slow

@@ -87,12 +87,11 @@ ROWS, COLUMNS = ["alpha 0.9", "alpha 0.99"], ["warm-up 0", "warm-up 1"]
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
+def grid(module_dir):
     """A 2x2 grid run with submitit_local into a fresh sqlite store: (sweep dir, store URI)."""
-    tmp = tmp_path_factory.mktemp("grid")
-    store = path_to_local_sqlite_uri(tmp / "mlflow.db")
-    sweep = tmp / "sweep"
-    gta("train", "--multirun", *tiny(tmp / "data", logger="mlflow"), "launcher=local", f"hydra.sweep.dir={sweep}",
+    store = path_to_local_sqlite_uri(module_dir / "mlflow.db")
+    sweep = module_dir / "sweep"
+    gta("train", "--multirun", *tiny(module_dir / "data", logger="mlflow"), "launcher=local", f"hydra.sweep.dir={sweep}",
         f"logger.tracking_uri={store}", "logger.experiment_name=grid", "report.table=grid",
         "report.title=A 2x2 grid", "report.row=alpha ${ema.alpha}",
         "report.column=warm-up ${method.warmup_epochs}", *GRID)
