@@ -8,14 +8,11 @@ own share of every batch and trains the whole method on it. The processes' model
 
 - at start, every rank takes rank 0's parameters and buffers (DistributedDataParallel does it for the
   trained models, :meth:`Distributed.broadcast_models` for the others, such as an EMA teacher);
-- each trained model has a ``DistributedDataParallel`` (:meth:`Distributed.data_parallel`) that the loss
-  of each ``update(name, loss)`` passes through before its backward. DDP's reducer then all-reduces the
-  gradients bucket by bucket from backward hooks, as soon as a bucket's gradients are ready, so the
-  communication overlaps the rest of the backward pass. DDP is entered with the loss rather than wrapped
-  around the model's forward: methods call a model several times per step, and through submodules that
-  bypass its ``forward`` (a second mask predictor on the same features); the parameters that the loss's
-  graph reaches, whichever forwards built it, are those that get a gradient. The method never sees a
-  wrapper, and its models keep their class, their ``state_dict`` and ``deepcopy``;
+- the loss of each ``update(name, loss)`` passes through a ``DistributedDataParallel`` over that model's
+  parameters before its backward (:meth:`Distributed.data_parallel`): DDP all-reduces the gradients
+  bucket by bucket from backward hooks, overlapping the rest of the backward pass. Entered with the loss
+  rather than wrapped around the model's forward, it counts every parameter the loss reaches, however
+  many calls of the model (or of its submodules) built the graph, and the method never sees a wrapper;
 - after each iteration the floating buffers of every model (BatchNorm running statistics, which each
   rank estimated on other images) are averaged (:meth:`Distributed.average_buffers`, one all-reduce);
 - EMA updates and knowledge transmission need nothing: they are functions of identical models.
