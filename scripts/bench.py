@@ -7,10 +7,13 @@ the numbers and both files are also logged as an MLflow run (experiment "bench")
           an update that only does backward + step (same models, same pre-made batches, same process)
   ema     the fused EMA of a DeepLabV3+ ResNet-101 (ema_model_) vs a per-tensor Python loop
   data    images/s of the training loader on VOC-sized JPEGs with the paper's augmentation, per worker count
+  ddp     2 CPU processes over gloo, one model's update (forward, backward, gradient average, SGD step): the
+          engine's DistributedDataParallel, whose all-reduces run during the backward pass, against the same
+          all-reduces started after the backward, and against no communication at all
   step    CUDA only: GTA-Seg pairs/s, peak memory and MFU at 513 crops, DeepLabV3+ ResNet-101 OS 8, 3+3 images,
           in fp32, bf16, bf16 + channels_last and + compile
 
-Usage: python scripts/bench.py [--only engine,ema,data,step] [--device auto|cpu|cuda] [--mlflow] [--out DIR]
+Usage: python scripts/bench.py [--only engine,ema,data,ddp,step] [--device auto|cpu|cuda] [--mlflow] [--out DIR]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import socket
 import statistics
 import tempfile
 import time
@@ -30,8 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from gta.config import PROJECT_ROOT, TrainerConfig
 from gta.contract import Batch, Method, Progress, Update
@@ -46,7 +53,7 @@ from gta.methods.reweight import Confidence
 from gta.models import Segmenter
 from gta.tracking import NullLogger
 
-SECTIONS = ("engine", "ema", "data", "step")
+SECTIONS = ("engine", "ema", "data", "ddp", "step")
 #: dense bf16 tensor-core peak in FLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
@@ -301,6 +308,96 @@ def bench_data(workers: list[int], images: int, batch_size: int, epochs: int) ->
             "batch_size": batch_size, "timed_images": (images // batch_size * epochs - 1) * batch_size, "rows": rows}
 
 
+DDP_WORLD = 2
+DDP_VARIANTS = {"alone": "no communication (each process alone)", "after": "all-reduce after backward",
+                "during": "DDP: all-reduce during backward (the engine)"}
+#: after the backward, gradients all-reduced in buckets of this many bytes (DistributedDataParallel's size)
+BUCKET_BYTES = 25 * 2**20
+
+
+def all_reduce_after_backward(model: torch.nn.Module) -> None:
+    """The gradients averaged once the whole backward has run: every bucket's all-reduce started, then
+    waited for (what data parallelism without backward hooks does)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    buckets, bucket, size = [], [], 0
+    for g in reversed(grads):  # the last layers first, as their gradients came
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        if size >= BUCKET_BYTES:
+            buckets.append(bucket)
+            bucket, size = [], 0
+    buckets += [bucket] if bucket else []
+    pending = [(b, flat, dist.all_reduce(flat, async_op=True)) for b in buckets for flat in [_flatten_dense_tensors(b)]]
+    for b, flat, work in pending:
+        work.wait()
+        torch._foreach_copy_(b, _unflatten_dense_tensors(flat.div_(DDP_WORLD), b))
+
+
+def _ddp_process(rank: int, port: int, out: Path, encoder: str, size: int, batch: int, iters: int, warm: int,
+                 rounds: int) -> None:
+    torch.set_num_threads(1)  # 2 processes on a 2-core machine
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=DDP_WORLD)
+    torch.manual_seed(0)
+    model = Segmenter(num_classes=21, encoder_name=encoder, output_stride=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    data_parallel = Distributed(rank, DDP_WORLD).data_parallel(model)
+    generator = torch.Generator().manual_seed(rank)
+    image = torch.randn(batch, 3, size, size, generator=generator)
+    mask = torch.randint(0, 21, (batch, size, size), generator=generator)
+
+    def no_communication(loss):
+        loss.backward()
+
+    def after_backward(loss):
+        loss.backward()
+        all_reduce_after_backward(model)
+
+    def during_backward(loss):
+        data_parallel(loss).backward()
+
+    variants = {"alone": no_communication, "after": after_backward, "during": during_backward}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    model.train()
+    for _ in range(rounds):  # alternately, so that a change in the machine's load hits every variant
+        for name, backward in variants.items():
+            for it in range(warm + iters):
+                if it == warm:
+                    dist.barrier()
+                    started = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                backward(F.cross_entropy(model(image), mask))
+                optimizer.step()
+            dist.barrier()
+            seconds[name].append((time.perf_counter() - started) / iters)
+    if rank == 0:
+        medians = {name: statistics.median(runs) for name, runs in seconds.items()}
+        out.write_text(json.dumps({"s_per_step": medians, "rounds": seconds,
+                                   "parameters": sum(p.numel() for p in model.parameters())}))
+    dist.destroy_process_group()
+
+
+def bench_ddp(encoder: str, size: int, batch: int, iters: int, rounds: int) -> dict:
+    """Seconds per update of a DeepLabV3+ on 2 CPU processes (gloo, one thread each), medians over rounds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ddp.json"
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        mp.spawn(_ddp_process, args=(port, out, encoder, size, batch, iters, 2, rounds), nprocs=DDP_WORLD)
+        result = json.loads(out.read_text())
+    times = result["s_per_step"]
+    communication = times["after"] - times["alone"]
+    return {
+        "model": f"DeepLabV3+ {encoder}, output stride 16", "parameters": result["parameters"],
+        "gradient_mib": result["parameters"] * 4 / 2**20, "processes": DDP_WORLD, "backend": "gloo",
+        "crop": size, "batch_per_process": batch, "timed_steps": iters, "rounds": rounds,
+        "communication_s": communication, "hidden_s": times["after"] - times["during"],
+        "hidden_share": (times["after"] - times["during"]) / communication if communication > 0 else None,
+        "rows": [{"variant": DDP_VARIANTS[name], "s_per_step": times[name], "rounds_s": result["rounds"][name]}
+                 for name in DDP_VARIANTS],
+    }
+
+
 STEP_VARIANTS = {
     "fp32": {"precision": "fp32"},
     "bf16": {"precision": "bf16"},
@@ -398,6 +495,16 @@ def markdown(results: dict) -> str:
                   "| workers | images/s | first batch (s) |", "|---|---|---|"]
         lines += [f"| {r['workers']} | {r['images_s']:.1f} | {r['first_batch_s']:.2f} |" for r in d["rows"]]
         lines.append("")
+    if "ddp" in results:
+        d = results["ddp"]
+        lines += [f"**Data parallelism** ({d['processes']} CPU processes over {d['backend']}, one torch thread each; "
+                  f"{d['model']}, {d['parameters'] / 1e6:.1f} M parameters ({d['gradient_mib']:.0f} MiB of gradients), "
+                  f"{d['batch_per_process']} images of {d['crop']} px per process; {d['timed_steps']} timed updates, "
+                  f"median of {d['rounds']} rounds)", "", "| update | s/step |", "|---|---|"]
+        lines += [f"| {r['variant']} | {r['s_per_step']:.3f} |" for r in d["rows"]]
+        share = f"{d['hidden_share']:.0%}" if d["hidden_share"] is not None else "n/a"
+        lines += ["", f"Communication after the backward costs {d['communication_s']:.3f} s a step; DDP hides "
+                  f"{d['hidden_s']:.3f} s of it ({share}).", ""]
     if "step" in results:
         s = results["step"]
         if "skipped" in s:
@@ -458,6 +565,11 @@ def main() -> None:
     parser.add_argument("--ema-repeats", type=int, default=10)
     parser.add_argument("--data-images", type=int, default=64)
     parser.add_argument("--data-workers", default="0,1,2")
+    parser.add_argument("--ddp-encoder", default="resnet50")
+    parser.add_argument("--ddp-size", type=int, default=64, help="image side of the data-parallel benchmark")
+    parser.add_argument("--ddp-batch", type=int, default=2, help="images per process")
+    parser.add_argument("--ddp-iters", type=int, default=8)
+    parser.add_argument("--ddp-rounds", type=int, default=3)
     parser.add_argument("--step-iters", type=int, default=30)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, for an unlisted GPU")
     args = parser.parse_args()
@@ -477,6 +589,8 @@ def main() -> None:
     if "data" in only:
         workers = [int(w) for w in args.data_workers.split(",")]
         results["data"] = bench_data(workers, args.data_images, batch_size=8, epochs=2)
+    if "ddp" in only:
+        results["ddp"] = bench_ddp(args.ddp_encoder, args.ddp_size, args.ddp_batch, args.ddp_iters, args.ddp_rounds)
     if "step" in only:
         if device.type == "cuda":
             peak = args.peak_tflops * 1e12 if args.peak_tflops else None

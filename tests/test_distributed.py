@@ -1,7 +1,9 @@
 """Data-parallel training: two CPU processes over gloo.
 
 ``torchrun`` drives the real command end to end; the in-process tests start two processes with
-``torch.multiprocessing`` and check the engine's collectives, the desync check and exact resume.
+``torch.multiprocessing`` and check the engine's collectives, that two processes train what one process
+trains on both their batches, that gradients are all-reduced during the backward pass, the desync check
+and exact resume.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ import torch.multiprocessing as mp
 from helpers import NaNAt, Recorder, assert_same_state, free_port, python, shapes, tiny
 from helpers import make_trainer as make_tiny_trainer
 from tiny import TinySegmenter
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from gta.data import build_val_loader
+from gta.config import TrainerConfig
+from gta.data import Loaders, build_val_loader
 from gta.engine.checkpoint import load_checkpoint
 from gta.engine.distributed import DesyncError, Distributed
-from gta.engine.evaluate import EvalProtocol, confusion_matrices
+from gta.engine.evaluate import EvalProtocol, Validation, confusion_matrices
 from gta.engine.guard import NonFiniteLossError
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
+from gta.methods import GTASeg, UnbiasedST
+from gta.methods.ema import EMA
+from gta.methods.reweight import Uniform
+from gta.tracking import NullLogger
 
 WORLD = 2
 ITERS = 6  # 2 images per rank and iteration (CutMix pairs them), 4 unlabeled images: 1 iteration per epoch
@@ -80,14 +89,6 @@ def _collectives(rank: int, port: int, data_root: Path, confusion: torch.Tensor)
     found = confusion_matrices({"m": model}, val, 6, 255, EvalProtocol(), dist.device)["m"]
     assert torch.equal(found, confusion)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, rank + 1.0)
-    model.head.bias.grad = None  # unused on every rank: stays without a gradient
-    dist.average_gradients(optimizer)
-    assert all(torch.equal(p.grad, torch.full_like(p, 1.5)) for p in model.features.parameters())
-    assert model.head.bias.grad is None
-
     bn = model.features[1]
     bn.running_mean.fill_(rank)
     bn.num_batches_tracked.fill_(7)
@@ -115,12 +116,117 @@ def _collectives(rank: int, port: int, data_root: Path, confusion: torch.Tensor)
 
 
 @pytest.mark.slow
-def test_gradients_buffers_and_checks_agree_across_processes(source):
+def test_weights_buffers_and_checks_agree_across_processes(source):
     torch.manual_seed(0)
     model = TinySegmenter(6)
     val = build_val_loader(source, source.pools()["val"])
     confusion = confusion_matrices({"m": model}, val, 6, 255, EvalProtocol(), torch.device("cpu"))["m"]
     spawn(_collectives, source.root, confusion)  # the processes read the dataset the fixture generated
+
+
+# --- gradients -----------------------------------------------------------------------------------------
+class TinyGN(TinySegmenter):
+    """The tiny network with GroupNorm instead of BatchNorm: each image is normalised on its own, so what a
+    forward computes for an image does not depend on the other images of its batch."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__(num_classes)
+        self.features[1] = nn.GroupNorm(2, 6)
+
+
+class FixedBatches:
+    """A training loader that yields the same batches every epoch."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches, self.batch_size, self.sampler = batches, len(batches[0][0]), self
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+EQUIVALENCE_ITERS, EQUIVALENCE_IPE, GLOBAL_BATCH = 4, 2, 4  # a warm-up epoch, then a semi-supervised one
+METHODS = {"gta": GTASeg, "unbiased_st": UnbiasedST}  # two trained models; a head used outside forward()
+
+
+def equivalence_trainer(method: str, run_dir: Path, dist: Distributed, share: slice) -> Trainer:
+    """``method`` on TinyGN for EQUIVALENCE_ITERS iterations of the ``share`` of fixed global batches of
+    GLOBAL_BATCH labeled and as many unlabeled images. Nothing in it depends on how the global batch is
+    split: no BatchNorm, no CutMix, no dropped pixels, no re-weighting, every pixel labeled (the losses
+    are means over equally many pixels per process). Weights drawn with the rank as seed (rank 0's win)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def images():
+        return torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=generator)[share]
+
+    def masks():
+        return torch.randint(0, 3, (GLOBAL_BATCH, 8, 8), generator=generator)[share]
+
+    labeled = [(images(), masks()) for _ in range(EQUIVALENCE_IPE)]
+    unlabeled = [(images(), torch.zeros_like(masks())) for _ in range(EQUIVALENCE_IPE)]
+    loaders = Loaders(FixedBatches(labeled), FixedBatches(unlabeled), [labeled[0]], EQUIVALENCE_IPE)
+    torch.manual_seed(dist.rank)
+    trained = METHODS[method](partial(TinyGN, 3), ema=EMA(0.9, ramp=False), reweight=Uniform(), drop=0.0,
+                              cutmix_prob=0.0)
+    config = TrainerConfig(iters=EQUIVALENCE_ITERS, epochs=1, log_every=1, eval_every=0, checkpoint_every=0,
+                           decoder_lr_mult=1.0, check_sync_every=1)
+    validation = Validation(loaders.val, EvalProtocol(), 3, 255, ["a", "b", "c"])
+    return Trainer(config, trained, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), validation, run_dir,
+                   logger=NullLogger(), dist=dist)
+
+
+def _data_parallel(rank: int, port: int, tmp_path: Path, expected: dict) -> None:
+    dist = join(rank, port)
+    _all_reduce_during_backward(dist)
+    _train_as_one(dist, tmp_path, expected)
+    torch.distributed.destroy_process_group()
+
+
+def _train_as_one(dist: Distributed, tmp_path: Path, expected: dict) -> None:
+    rank = dist.rank
+    half = GLOBAL_BATCH // WORLD
+    for method, models in expected.items():
+        trainer = equivalence_trainer(method, tmp_path / method, dist, slice(rank * half, (rank + 1) * half))
+        trainer.fit()  # and compares the ranks' models bit for bit after every iteration (check_sync_every=1)
+        for name, state in models.items():
+            torch.testing.assert_close(trainer.models[name].state_dict(), state, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, where=f"{method} {name}": f"{where}: {m}")
+
+
+def _all_reduce_during_backward(dist: Distributed) -> None:
+    rank = dist.rank
+    torch.manual_seed(rank)
+    model = nn.Sequential(*(nn.Linear(512, 512) for _ in range(4)))  # 4 MiB: several buckets, the first 1 MiB
+    data_parallel = dist.data_parallel(model)
+    events = []
+
+    def launch(state, bucket):
+        events.append(f"all-reduce of bucket {bucket.index()}")
+        return allreduce_hook(state, bucket)
+
+    data_parallel.register_comm_hook(None, launch)
+    model[0].weight.register_post_accumulate_grad_hook(lambda p: events.append("gradient of the first layer"))
+    loss = model(torch.randn(8, 512) * (rank + 1)).square().mean()
+    data_parallel(loss).backward()
+    # the last layers' bucket is reduced while the backward pass still has the first layer to go
+    assert events.index("all-reduce of bucket 0") < events.index("gradient of the first layer"), events
+    assert len([e for e in events if e.startswith("all-reduce")]) > 1
+    for p in model.parameters():  # the averages, equal on both ranks
+        gathered = [torch.empty_like(p.grad) for _ in range(WORLD)]
+        torch.distributed.all_gather(gathered, p.grad)
+        assert torch.equal(gathered[0], gathered[1])
+
+
+@pytest.mark.slow
+def test_gradients_are_averaged_during_backward_and_two_processes_train_as_one(tmp_path):
+    expected = {}
+    for method in METHODS:  # one process, the whole global batch: the reference, made without any collective
+        trainer = equivalence_trainer(method, tmp_path / "one" / method, Distributed(), slice(None))
+        trainer.fit()
+        expected[method] = {name: model.state_dict() for name, model in trainer.models.items()}
+    spawn(_data_parallel, tmp_path / "two", expected)
 
 
 # --- the trainer ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from hydra import compose
 from hydra.utils import instantiate
 
 from gta.contract import Progress
+from gta.methods.gta import GTASeg
 from gta.methods.pseudo_label import make_targets
 from gta.methods.reference import GTASegReference, Reference
 from gta.methods.reweight import Confidence
@@ -22,40 +23,40 @@ def gta(**switches) -> GTASegReference:
     return tiny_method(GTASegReference, reference=Reference(**switches))
 
 
-def shares(a, b) -> bool:
-    return all(x.data_ptr() == y.data_ptr() for x, y in zip(a, b, strict=True))
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def run(method, iterations, before=None, after=None):
-    """``iterations`` of ``method`` with plain SGD, calling ``before(name)`` / ``after(name)`` around each step."""
+def apart(a, b) -> bool:
+    return not any(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def run(method, iterations, before=None):
+    """``iterations`` of ``method`` with plain SGD, calling ``before(name)`` as each update begins."""
     check = before and (lambda name, loss: before(name))
     for it in iterations:
-        method.training_step(make_batch(), Progress(it, IPE), sgd_update(method, check=check, after=after))
+        method.training_step(make_batch(), Progress(it, IPE), sgd_update(method, check=check))
 
 
-def test_shared_classifier_is_one_tensor_moved_by_both_optimisers():
+def test_shared_classifier_is_moved_by_both_optimisers():
     method = gta(shared_classifier=True)
     student_g = method.student.mask_predictor_parameters()
     assistant_g = method.assistant.mask_predictor_parameters()
-    run(method, range(2 * IPE))  # warm-up and the first semi-supervised epoch: separate tensors
-    assert not shares(student_g, assistant_g)
+    run(method, range(2 * IPE))  # warm-up and the first semi-supervised epoch: two classifiers
+    assert apart(student_g, assistant_g)
 
-    moved, seen = {}, {}
-    other = {"assistant": student_g, "student": assistant_g}
+    seen = {}
 
     def before(name):
-        seen[name] = snapshot(other[name])
+        seen[name] = snapshot(student_g), snapshot(assistant_g)
 
-    def after(name):
-        moved[name] = any(not torch.equal(p, p0) for p, p0 in zip(other[name], seen[name], strict=True))
-
-    run(method, [2 * IPE], before=before, after=after)
-    assert shares(student_g, assistant_g)
+    run(method, [2 * IPE], before=before)
+    assert same(student_g, assistant_g)
     # the assistant's step (pseudo-labels) moves the student's g, and the student's step the assistant's
-    assert moved == {"assistant": True, "student": True}
+    assert apart(seen["assistant"][0], seen["student"][0])
+    assert apart(seen["student"][1], assistant_g)
     # the feature extractors stay apart: only the EMA of Eq. 9 links them
-    f_student = method.student.feature_extractor_parameters()
-    assert not shares(f_student, method.assistant.feature_extractor_parameters())
+    assert apart(method.student.feature_extractor_parameters(), method.assistant.feature_extractor_parameters())
 
 
 def test_resync_makes_the_first_semi_supervised_epoch_self_training():
@@ -66,29 +67,73 @@ def test_resync_makes_the_first_semi_supervised_epoch_self_training():
     def before(name):
         seen[name] = snapshot(student)
 
-    def after(name):
-        seen[name] = [not torch.equal(p, p0) for p, p0 in zip(student, seen[name], strict=True)]
-
     run(method, range(IPE))
-    run(method, [IPE], before=before, after=after)
+    run(method, [IPE], before=before)
     for model in (method.teacher, method.assistant):
-        assert shares(model.parameters(), student)
+        assert same(model.parameters(), student)
     # the assistant's step on pseudo-labels trains the student itself, f and g alike
-    assert all(seen["assistant"])
+    assert apart(seen["assistant"], seen["student"])
     run(method, range(IPE + 1, 3 * IPE))
-    for model in (method.teacher, method.assistant):  # the epoch is over: each model has its own tensors
-        assert not any(p.data_ptr() == q.data_ptr() for p, q in zip(model.parameters(), student, strict=True))
+    for model in (method.teacher, method.assistant):  # the epoch is over: each model goes its own way
+        assert not same(model.parameters(), student)
 
 
 def test_resync_with_shared_classifier_keeps_only_the_classifier_shared():
     method = gta(resync_first_epoch=True, shared_classifier=True)
     run(method, range(3 * IPE))
     s, a = method.student, method.assistant
-    assert shares(s.mask_predictor_parameters(), a.mask_predictor_parameters())
-    assert not any(p.data_ptr() == q.data_ptr() for p, q in zip(
-        s.feature_extractor_parameters(), a.feature_extractor_parameters(), strict=True))
-    assert not any(p.data_ptr() == q.data_ptr() for p, q in zip(
-        s.parameters(), method.teacher.parameters(), strict=True))
+    assert same(s.mask_predictor_parameters(), a.mask_predictor_parameters())
+    assert apart(s.feature_extractor_parameters(), a.feature_extractor_parameters())
+    assert not same(s.parameters(), method.teacher.parameters())
+
+
+class Aliased(GTASegReference):
+    """The links as the released code makes them: one tensor (``.data`` assigned), at the start of an
+    iteration, each model's own again (a clone) once the linked epoch is over."""
+
+    def semi_supervised_step(self, batch, progress, update):
+        ref, first = self.reference, self.since_hand_over(progress) < progress.iters_per_epoch
+        with torch.no_grad():
+            if ref.resync_first_epoch and first:
+                for model in self.followers():
+                    alias(model.parameters(), self.student.parameters())
+            else:
+                if ref.resync_first_epoch:
+                    unalias(self.teacher.parameters(), self.student.parameters())
+                    part = "feature_extractor_parameters" if ref.shared_classifier else "parameters"
+                    unalias(getattr(self.assistant, part)(), getattr(self.student, part)())
+                if ref.shared_classifier and not first:
+                    alias(self.assistant.mask_predictor_parameters(), self.student.mask_predictor_parameters())
+        return GTASeg.semi_supervised_step(self, batch, progress, update)
+
+
+def alias(targets, sources):
+    for t, s in zip(targets, sources, strict=True):
+        t.data = s.data
+
+
+def unalias(targets, sources):
+    for t, s in zip(targets, sources, strict=True):
+        if t.data_ptr() == s.data_ptr():
+            t.data = s.data.clone()
+
+
+@pytest.mark.parametrize("switches", [
+    {"shared_classifier": True}, {"resync_first_epoch": True},
+    {field.name: True for field in dataclasses.fields(Reference)},
+], ids=["shared_classifier", "resync_first_epoch", "all"])
+def test_tied_parameters_give_the_numbers_of_one_aliased_tensor(switches):
+    trained = []
+    for cls in (GTASegReference, Aliased):
+        method = tiny_method(cls, reference=Reference(**switches))
+        update = sgd_update(method, momentum=0.9)  # one optimiser per model all through: momentum carries over
+        torch.manual_seed(1)  # the same batches and CutMix boxes for both
+        for it in range(TOTAL):
+            method.training_step(make_batch(), Progress(it, IPE), update)
+        trained.append(method.state_dict())
+    tied, aliased = trained
+    assert tied.keys() == aliased.keys()
+    assert [key for key in tied if not torch.equal(tied[key], aliased[key])] == []
 
 
 def test_constant_assistant_lr():
@@ -174,7 +219,7 @@ def test_warmup_forwards_then_the_hand_over_copies_parameters_only():
     teacher_stats = method.teacher.features[1].running_var.clone()
     run(method, [IPE], before=before)
     assert copied == [True]
-    assert not shares(method.assistant.parameters(), method.student.parameters())
+    assert not same(method.assistant.parameters(), method.student.parameters())  # copies: apart after a step
     # the statistics stayed behind: the teacher's are its own warm-up's, averaged with the student's from
     # here on (0.9 * own + 0.1 * student's), not a copy of the student's
     bn_t, bn_s = method.teacher.features[1], method.student.features[1]

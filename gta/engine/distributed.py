@@ -1,21 +1,24 @@
-"""Data-parallel training over several processes, one per GPU, without wrapping any model.
+"""Data-parallel training over several processes, one per GPU; PyTorch's DistributedDataParallel averages
+the gradients.
 
 ``torchrun --nproc_per_node=N -m gta train ...`` starts N processes on a machine; ``launcher=slurm``
 with ``hydra.launcher.gpus_per_node=N`` starts N SLURM tasks per node (several nodes with
 ``hydra.launcher.nodes``). Each process learns its place from the environment (:func:`setup`), loads its
-own share of every batch and trains the whole method on it. Models are not wrapped in
-``DistributedDataParallel``: some configurations share tensors between models and the teacher is an
-EMA, so the engine keeps the processes' models identical itself:
+own share of every batch and trains the whole method on it. The processes' models stay identical:
 
-- at start, every rank copies rank 0's parameters and buffers (:meth:`Distributed.broadcast_models`);
-- each ``update(name, loss)`` averages the gradients of that model's optimiser over the ranks before the
-  optimiser steps (:meth:`Distributed.average_gradients`, bucketed all-reduces), so every rank takes the
-  same step;
+- at start, every rank takes rank 0's parameters and buffers (DistributedDataParallel does it for the
+  trained models, :meth:`Distributed.broadcast_models` for the others, such as an EMA teacher);
+- the loss of each ``update(name, loss)`` passes through a ``DistributedDataParallel`` over that model's
+  parameters before its backward (:meth:`Distributed.data_parallel`): DDP all-reduces the gradients
+  bucket by bucket from backward hooks, overlapping the rest of the backward pass. Entered with the loss
+  rather than wrapped around the model's forward, it counts every parameter the loss reaches, however
+  many calls of the model (or of its submodules) built the graph, and the method never sees a wrapper;
 - after each iteration the floating buffers of every model (BatchNorm running statistics, which each
   rank estimated on other images) are averaged (:meth:`Distributed.average_buffers`, one all-reduce);
 - EMA updates and knowledge transmission need nothing: they are functions of identical models.
 
-:meth:`Distributed.check_sync` verifies the result (``trainer.check_sync_every``).
+What is the engine's own is what PyTorch does not offer: agreeing on non-finite losses and stop signals,
+and :meth:`Distributed.check_sync`, which verifies the result (``trainer.check_sync_every``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,13 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.optim import Optimizer
+from torch.nn.parallel import DistributedDataParallel
 
 from gta.engine.runtime import resolve_device
 from gta.errors import ConfigError
-
-#: gradients are all-reduced in buckets of at most this many bytes (DistributedDataParallel's default)
-BUCKET_BYTES = 25 * 2**20
 
 
 class DesyncError(RuntimeError):
@@ -116,28 +116,31 @@ class Distributed:
         return dict(zip(keys, (flat / self.world_size).unbind(), strict=True))
 
     # --- models --------------------------------------------------------------------------------------
+    def data_parallel(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What each loss of ``model`` passes through before its backward, so that the backward leaves on
+        every rank the gradients averaged over the ranks: a ``DistributedDataParallel`` over ``model``'s
+        parameters (which gives every rank rank 0's parameters and buffers now), or, alone, the identity.
+
+        ``find_unused_parameters``: DDP walks the loss's graph to find the parameters it reaches, and
+        treats the others as unused in this step (a second mask predictor during a warm-up). Buffers are
+        not broadcast at each call: :meth:`average_buffers` averages every model's once an iteration."""
+        if not self.active:
+            return _identity
+        return DistributedDataParallel(
+            _LossOf(model), device_ids=[self.device] if self.device.type == "cuda" else None,
+            find_unused_parameters=True, forward_sync_buffers=False,
+        )
+
     @torch.no_grad()
     def broadcast_models(self, models: Iterable[nn.Module]) -> None:
-        """Copy rank 0's parameters and buffers into every rank's models."""
+        """Copy rank 0's parameters and buffers into every rank's ``models``."""
         if not self.active:
             return
-        models = _distinct(models)
-        tensors = _distinct_tensors(t for model in models for t in (*model.parameters(), *model.buffers()))
-        for bucket in _buckets(tensors, BUCKET_BYTES):
-            flat = _flatten_dense_tensors(bucket)
+        for group in _by_dtype(t for model in _distinct(models) for t in (*model.parameters(), *model.buffers())):
+            flat = _flatten_dense_tensors(group)
             dist.broadcast(flat, src=0)
             if not self.is_main:
-                torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
-
-    def average_gradients(self, optimizer: Optimizer) -> None:
-        """Replace the gradient of each of ``optimizer``'s parameters by its average over the ranks.
-
-        Every rank runs the same code on its share of the batch, so the same parameters have gradients
-        on every rank, in the same order."""
-        if not self.active:
-            return
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self._all_reduce_mean(grads, BUCKET_BYTES)
+                torch._foreach_copy_(group, _unflatten_dense_tensors(flat, group))
 
     @torch.no_grad()
     def average_buffers(self, models: Iterable[nn.Module]) -> None:
@@ -145,18 +148,11 @@ class Distributed:
         one all-reduce per dtype; integer buffers (batch counters) are equal on every rank already."""
         if not self.active:
             return
-        buffers = _distinct_tensors(b for model in _distinct(models) for b in model.buffers() if b.is_floating_point())
-        self._all_reduce_mean(buffers, math.inf)
-
-    def _all_reduce_mean(self, tensors: list[torch.Tensor], bucket_bytes: float) -> None:
-        pending = []
-        for bucket in _buckets(tensors, bucket_bytes):
-            flat = _flatten_dense_tensors(bucket)
-            pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
-        for bucket, flat, work in pending:
-            work.wait()
-            flat.div_(self.world_size)
-            torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
+        for group in _by_dtype(b for model in _distinct(models) for b in model.buffers() if b.is_floating_point()):
+            flat = _flatten_dense_tensors(group)
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            torch._foreach_copy_(group, _unflatten_dense_tensors(flat, group))
 
     @torch.no_grad()
     def check_sync(self, models: Mapping[str, nn.Module], step: int) -> None:
@@ -179,40 +175,37 @@ class Distributed:
             raise DesyncError(
                 f"after iteration {step} the models are no longer identical on all {self.world_size} ranks: "
                 + "; ".join(problems)
-                + ". Something changed one rank's weights or buffers outside update() and the engine's averaging"
+                + ". Something changed one rank's weights or buffers outside update() and the engine's averaging of buffers"
             )
+
+
+class _LossOf(nn.Module):
+    """``model``'s parameters as DistributedDataParallel sees them, with the identity as forward: DDP is
+    called with the loss about to be back-propagated, never with the model's inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+
+def _identity(loss: torch.Tensor) -> torch.Tensor:
+    return loss
 
 
 def _distinct(models: Iterable[nn.Module]) -> list[nn.Module]:
     return list({id(model): model for model in models}.values())
 
 
-def _distinct_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Each storage once: models may share tensors (the released code's links, gta/methods/reference.py)."""
-    seen: dict[tuple[int, int], torch.Tensor] = {}
-    for t in tensors:
-        if t.numel():
-            seen.setdefault((t.data_ptr(), t.numel()), t)
-    return list(seen.values())
-
-
-def _buckets(tensors: list[torch.Tensor], limit: float) -> Iterator[list[torch.Tensor]]:
-    """Consecutive tensors of one dtype and device, at most ``limit`` bytes per bucket (one tensor at least)."""
+def _by_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The non-empty ``tensors`` grouped by dtype and device, so that each group flattens into one tensor."""
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    for group in groups.values():
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for t in group:
-            nbytes = t.numel() * t.element_size()
-            if bucket and size + nbytes > limit:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append(t)
-            size += nbytes
-        if bucket:
-            yield bucket
+        if t.numel():
+            groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
 
 
 def _checksum(model: nn.Module, device: torch.device) -> torch.Tensor:

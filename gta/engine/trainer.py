@@ -64,7 +64,8 @@ class Trainer:
             raise ConfigError(f"nothing to train: trainer.iters={config.iters}, trainer.epochs={config.epochs}")
         self.eval_models = validation.protocol.select(method.evaluated_models(), method.reported)  # fails early
         self.models = models_of(method)
-        self.memory_format = prepare(method, config, self.dist)
+        prepared = prepare(method, config, self.dist)
+        self.memory_format, self.data_parallel = prepared.memory_format, prepared.data_parallel
         self.precision = Precision(config.precision, self.device)
         self.guard = NonFiniteGuard(config.on_nonfinite, self.dist)
         self.optimizers = {
@@ -137,13 +138,12 @@ class Trainer:
         optimizer, scaler = self.optimizers[name], self.scalers.get(name)
         optimizer.zero_grad(set_to_none=True)
         with self.precision.full():  # backward outside autocast: its dtypes follow the forward's
+            if scaler is not None:
+                loss = scaler.scale(loss)  # data-parallel: averaged scaled, every rank sees the same overflow
+            self.data_parallel[name](loss).backward()  # several processes: gradients averaged during backward
             if scaler is None:
-                loss.backward()
-                self.dist.average_gradients(optimizer)
                 optimizer.step()
             else:
-                scaler.scale(loss).backward()
-                self.dist.average_gradients(optimizer)  # scaled: every rank sees the same overflow
                 scaler.step(optimizer)  # skipped when a gradient overflowed
                 scaler.update()
 

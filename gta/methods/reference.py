@@ -24,10 +24,10 @@ from gta.methods.pseudo_label import PseudoLabels, make_targets, mixed_predictio
 @dataclass(frozen=True)
 class Reference:
     #: §5.1 after the first semi-supervised epoch the student's and the assistant's classifier are one
-    #: tensor, trained by both optimisers (on ground truth and on pseudo-labels)
+    #: tensor, trained by both optimisers (on ground truth and on pseudo-labels): tied, see ``ties``
     shared_classifier: bool = False
-    #: §5.2 all through the first semi-supervised epoch, teacher and assistant are the student's tensors,
-    #: so that epoch is plain self-training of the student
+    #: §5.2 all through the first semi-supervised epoch, teacher and assistant are the student's tensors
+    #: (tied), so that epoch is plain self-training of the student
     resync_first_epoch: bool = False
     #: §5.3 the poly schedule drives the student's optimiser only; the assistant keeps its base lr
     constant_assistant_lr: bool = False
@@ -69,22 +69,33 @@ class GTASegReference(GTASeg):
 
     # --- the semi-supervised iteration ------------------------------------------------------------------
     def semi_supervised_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:
-        self.link(first_epoch=self.since_hand_over(progress) < progress.iters_per_epoch)
-        return super().semi_supervised_step(batch, progress, update)
+        ties = self.ties(first_epoch=self.since_hand_over(progress) < progress.iters_per_epoch)
+        for tie in ties:  # the student's values, as the released code's first link gives
+            copy_tie_(tie, self.student)
+        trained = self.trained_models()
 
-    def link(self, first_epoch: bool) -> None:
-        """The released code's parameter links (§5.1, §5.2), made at the start of an iteration."""
-        ref, followers = self.reference, self.followers()
-        if ref.resync_first_epoch and first_epoch:
-            for model in followers:
-                share_(model.parameters(), self.student.parameters())
-            return
-        if ref.resync_first_epoch:  # the re-synced epoch is over: each model owns its tensors again
-            unshare_(self.teacher.parameters(), self.student.parameters())
-            part = "feature_extractor_parameters" if ref.shared_classifier else "parameters"  # §5.1 keeps g
-            unshare_(getattr(self.assistant, part)(), getattr(self.student, part)())
-        if ref.shared_classifier and not first_epoch:
-            share_(self.assistant.mask_predictor_parameters(), self.student.mask_predictor_parameters())
+        def tied_update(name: str, loss: Tensor) -> None:
+            update(name, loss)
+            for tie in ties:
+                if trained[name] in tie:
+                    copy_tie_(tie, trained[name])
+
+        return super().semi_supervised_step(batch, progress, tied_update)
+
+    def ties(self, first_epoch: bool) -> list[dict[nn.Module, list[Tensor]]]:
+        """The released code's parameter links this iteration (§5.1, §5.2): groups of models whose listed
+        parameters are one tensor there (it assigns ``.data``), so that a step of either optimiser moves
+        all. Here each model keeps tensors of its own and the model that steps copies its tied parameters
+        into the others' (``semi_supervised_step``). That gives the same numbers: between steps tied
+        parameters are equal, and the EMAs in between (Eqs. 9 and 12) leave a tensor averaged with an
+        equal one exactly as it is. And no model shares storage with another, which data-parallel
+        training and checkpoints take as they are."""
+        ref = self.reference
+        if ref.resync_first_epoch and first_epoch:  # §5.2: teacher and assistant are the student
+            return [{model: list(model.parameters()) for model in (self.student, *self.followers())}]
+        if ref.shared_classifier and not first_epoch:  # §5.1: one classifier g
+            return [{model: model.mask_predictor_parameters() for model in (self.student, self.assistant)}]
+        return []
 
     def pseudo_labels(self, batch: Batch) -> PseudoLabels:
         if not self.reference.mixed_confidence:
@@ -133,23 +144,13 @@ class GTASegReference(GTASeg):
 
 
 @torch.no_grad()
-def share_(targets: Iterable[Tensor], sources: Iterable[Tensor]) -> None:
-    """Make each target the same storage as its source (the released code's ``.data`` assignment):
-    from then on, a step of either model's optimiser moves both."""
-    for t, s in zip(targets, sources, strict=True):
-        if t.data_ptr() != s.data_ptr():
-            t.data = s.data
-
-
-@torch.no_grad()
-def unshare_(targets: Iterable[Tensor], sources: Iterable[Tensor]) -> None:
-    """Give each target that shares its source's storage a copy of its own."""
-    for t, s in zip(targets, sources, strict=True):
-        if t.data_ptr() == s.data_ptr():
-            t.data = s.data.clone()
-
-
-@torch.no_grad()
 def copy_(targets: Iterable[Tensor], sources: Iterable[Tensor]) -> None:
     for t, s in zip(targets, sources, strict=True):
         t.copy_(s)
+
+
+def copy_tie_(tie: dict[nn.Module, list[Tensor]], source: nn.Module) -> None:
+    """Every model of ``tie`` takes ``source``'s values of its tied parameters."""
+    for model, tensors in tie.items():
+        if model is not source:
+            copy_(tensors, tie[source])
