@@ -1,6 +1,7 @@
 """gta as a library: a wheel built from this checkout carries the config tree and the experiment files, and,
 installed into a fresh virtual environment, trains from an unrelated directory with a method from a package
-that only this test has, chosen through the user's own config directory."""
+that only this test has, chosen through the user's own config directory; and an installed package records no
+commit of a repository it happens to lie in."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import POOL, ROOT, SIZE, SPLIT, VAL, tiny
 
-pytestmark = pytest.mark.slow
+from gta.tracking.sweep import git_commit
 
 #: a method of the user's: SupOnly under another name, whose one network is called "net"
 USER_METHOD = '''
@@ -74,6 +75,7 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_config_tree_and_the_experiments(wheel):
     with zipfile.ZipFile(wheel) as archive:
         packaged = {name for name in archive.namelist() if name.startswith("gta/conf/")}
@@ -84,6 +86,7 @@ def test_the_wheel_carries_the_config_tree_and_the_experiments(wheel):
     assert packaged == conf | experiments
 
 
+@pytest.mark.slow
 def test_an_installed_gta_trains_a_users_method_from_any_directory(wheel, tmp_path):
     # A fresh environment that reuses the installed dependencies: their site-packages joins its path.
     env = tmp_path / "env"
@@ -116,3 +119,16 @@ def test_an_installed_gta_trains_a_users_method_from_any_directory(wheel, tmp_pa
     done = run(python, "-m", "gta", "eval", "checkpoint=outputs/run/net.pt",
                "hydra.run.dir=outputs/eval", cwd=elsewhere, PYTHONPATH=str(user / "src"))  # fmt: skip
     assert "mIoU" in done.stdout, done.stdout
+
+
+def test_a_sweep_records_the_commit_of_a_checkout_and_none_for_a_package_inside_another_repository(tmp_path):
+    """A virtual environment often lies inside the user's own repository: its commit is not gta's."""
+    repository = tmp_path / "project"
+    git = ["git", "-C", str(repository), "-c", "user.name=gta", "-c", "user.email=gta@localhost"]
+    subprocess.run(["git", "init", "-q", str(repository)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    site_packages = repository / ".venv" / "lib" / "site-packages"
+    site_packages.mkdir(parents=True)
+    assert git_commit(repository) == head
+    assert git_commit(site_packages) == "unknown"
