@@ -8,16 +8,15 @@ names to classes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-#: The checkout that holds the package and conf/: default home of data and the MLflow store.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-#: The Hydra config tree, beside the package (a cloned or editable checkout).
-CONF_DIR = str(PROJECT_ROOT / "conf")
+#: The Hydra config tree, inside the package: in a checkout gta/conf links to conf/, a wheel carries a copy.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -205,7 +204,7 @@ class NoLoggerConfig:
 @dataclass
 class MLflowConfig:
     _target_: str = "gta.tracking.mlflow.MLflowLogger"
-    #: null: a sqlite store in the project directory (see README)
+    #: null: $GTA_TRACKING_URI, else mlflow.db in the directory the command runs in (see README)
     tracking_uri: str | None = None
     experiment_name: str = "gta"
     #: null: named after the method, dataset, split and seed
@@ -401,8 +400,8 @@ class ExportCommandConfig(SavedModelConfig):
     """``python -m gta export``: a saved model as a file for use outside Python (see gta/export.py)."""
 
     output: str = MISSING
-    #: "torchscript" or "onnx" (needs the onnx package)
-    format: str = "torchscript"
+    #: "pt2" (a torch.export program, torch.export.load) or "onnx" (needs the onnx and onnxscript packages)
+    format: str = "pt2"
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -426,7 +425,8 @@ def register_configs() -> None:
     Groups with a single shape (model, ema, optimizer) are typed by ``TrainConfig`` itself; groups whose
     options differ in shape (dataset, method, reweight, logger) name their schema in each YAML file."""
     if not OmegaConf.has_resolver("gta_root"):
-        OmegaConf.register_new_resolver("gta_root", lambda: str(PROJECT_ROOT))
+        # where data/ lies unless $GTA_DATA says otherwise: the directory the command runs in, as for outputs/
+        OmegaConf.register_new_resolver("gta_root", os.getcwd)
     from hydra.core.config_store import ConfigStore  # here: the engine reads the schema without Hydra
 
     cs = ConfigStore.instance()

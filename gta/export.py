@@ -1,27 +1,32 @@
-"""The ``export`` command: a saved model as one file for use outside Python.
+"""The ``export`` command: a saved model as one file for use outside this project.
 
-``python -m gta export checkpoint=<run_dir>/teacher.pt output=model.pt`` writes TorchScript (load it with
-``torch.jit.load`` in Python or ``torch::jit::load`` in C++); ``format=onnx`` writes ONNX and needs the
-``onnx`` and ``onnxscript`` packages. Either way the network takes RGB in [0, 1], ``N x 3 x H x W`` with
-any H and W, normalises it with the dataset's mean and std, and returns logits ``N x C x H x W``; their
-argmax over C is the class id (the class names are in the run's config.yaml).
+``python -m gta export checkpoint=<run_dir>/teacher.pt output=model.pt2`` writes a ``torch.export`` program
+(``torch.export.load(path).module()`` is a callable module; AOTInductor and ExecuTorch compile it further);
+``format=onnx`` writes the same program as ONNX and needs the ``onnx`` and ``onnxscript`` packages. Either
+way the network takes RGB in [0, 1], ``N x 3 x H x W`` with any N, H and W, normalises it with the
+dataset's mean and std, and returns logits ``N x C x H x W``; their argmax over C is the class id (the class
+names are in the run's config.yaml).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
+import timm.layers.padding
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
+from torch.export import Dim, ExportedProgram
+from torch.fx.experimental import _config as symbolic_shapes
 
 from gta.errors import ConfigError
 from gta.saved import load_model
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("pt2", "onnx")
 
 
 class Normalized(nn.Module):
@@ -37,27 +42,44 @@ class Normalized(nn.Module):
         return self.model((rgb - self.mean) / self.std)
 
 
+@contextmanager
+def integer_same_padding() -> Iterator[None]:
+    """timm's "same" padding (the pooling of dilated ResNet stages, as in ResNet-10-T at output stride 16)
+    rounds ``size / stride`` up with ``math.ceil``, an operation a saved program cannot hold when the size is
+    free; the same padding computed in integer arithmetic can."""
+
+    def same_padding(size: int, kernel_size: int, stride: int, dilation: int) -> int:
+        return max((-(-size // stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
+
+    with mock.patch.object(timm.layers.padding, "get_same_padding", same_padding):
+        yield
+
+
+def program(module: nn.Module) -> ExportedProgram:
+    """``module`` (in eval mode) traced by ``torch.export`` with a free batch size, height and width."""
+    # A side that is not a multiple of the network's stride, so that the padding is traced where it acts.
+    example = torch.rand(2, 3, 65, 65)
+    sizes = {"rgb": {0: Dim("batch", min=1), 2: Dim("height", min=1), 3: Dim("width", min=1)}}
+    # Without size-oblivious reasoning torch.export assumes every free size is at least 2 and refuses a batch
+    # of one image; the network treats sizes 0 and 1 as any other (torch's documented, experimental switch).
+    with symbolic_shapes.patch(backed_size_oblivious=True), integer_same_padding():
+        return torch.export.export(module, (example,), dynamic_shapes=sizes)
+
+
 def export(module: nn.Module, path: Path, fmt: str) -> None:
     """Write ``module`` (in eval mode) to ``path`` as ``fmt``."""
-    # A side that is not a multiple of the network's stride, so the recorded graph includes the padding
-    # (computed from the input's shape, so it fits every size; padding by zero changes nothing).
-    example = torch.rand(1, 3, 65, 65)
-    if fmt == "torchscript":
-        with warnings.catch_warnings():
-            # the tracer warns that the pad-or-not branch is fixed; it is taken, see above
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.jit.trace(module, example).save(str(path))
+    exported = program(module)
+    if fmt == "pt2":
+        torch.export.save(exported, path)
     else:
-        height, width = torch.export.Dim("height", min=1), torch.export.Dim("width", min=1)
-        torch.onnx.export(
-            module, (example,), str(path), input_names=["rgb"], output_names=["logits"],
-            dynamic_shapes={"rgb": {0: torch.export.Dim("batch"), 2: height, 3: width}}, external_data=False,
-        )  # fmt: skip
+        torch.onnx.export(exported, f=str(path), input_names=["rgb"], output_names=["logits"], external_data=False)
 
 
 def run(cfg: DictConfig) -> Path:
     if cfg.format not in FORMATS:
-        raise ConfigError(f"format must be one of {FORMATS}, got '{cfg.format}'")
+        dropped = " (TorchScript is no longer written: torch.jit.trace is deprecated)" \
+            if cfg.format == "torchscript" else ""
+        raise ConfigError(f"format must be one of {FORMATS}, got '{cfg.format}'{dropped}")
     if cfg.format == "onnx":
         try:
             import onnx  # noqa: F401

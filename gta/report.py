@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="where table.md, table.csv and table.png go "
                                       "(default: <sweep dir>/report, else reports/<name>)")
     parser.add_argument("--tracking-uri", help="the MLflow store of a run id or experiment name "
-                                               "(default: GTA_TRACKING_URI, else the project's mlflow.db)")
+                                               "(default: GTA_TRACKING_URI, else mlflow.db in the current directory)")
     args = parser.parse_args(argv)
     result = report(args.source, args.out, args.tracking_uri or os.environ.get("GTA_TRACKING_URI"))
     print(result.markdown)

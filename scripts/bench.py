@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from gta.config import PROJECT_ROOT, TrainerConfig
+from gta.config import TrainerConfig
 from gta.contract import Batch, Method, Progress, Update
 from gta.data import Loaders, SegmentationFolder, build_loaders, select_split
 from gta.engine.distributed import Distributed
@@ -52,6 +52,9 @@ from gta.methods.ema import EMA, ema_model_
 from gta.methods.reweight import Confidence
 from gta.models import Segmenter
 from gta.tracking import NullLogger
+
+#: the checkout this script belongs to
+ROOT = Path(__file__).resolve().parents[1]
 
 SECTIONS = ("engine", "ema", "data", "ddp", "step")
 #: dense bf16 tensor-core peak in FLOP/s, by a substring of torch.cuda.get_device_name()
@@ -556,7 +559,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench-results")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     parser.add_argument("--mlflow", action="store_true", help="also log the results as an MLflow run")
     parser.add_argument("--engine-iters", type=int, default=60)
     parser.add_argument("--engine-rounds", type=int, default=4)

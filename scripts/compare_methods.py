@@ -24,8 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
-from gta.config import PROJECT_ROOT
 from gta.train import REFERENCE, RESULT_FILE
+
+#: the checkout this script belongs to
+ROOT = Path(__file__).resolve().parents[1]
 
 #: the baselines and the method, as the paper's tables define them (conf/variant/)
 METHODS = {"SupOnly": "suponly", "Mean Teacher": "mean_teacher", "GTA-Seg": "gta"}
@@ -39,7 +41,7 @@ def train(overrides: list[str], run_dir: Path, threads: int) -> dict:
     if not result.is_file():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         command = [sys.executable, "-m", "gta", "train", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress=none"]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=PROJECT_ROOT)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
         (run_dir / "compare.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(overrides)} failed:\n{done.stderr[-2000:]}")
@@ -77,7 +79,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--reference", action="store_true", help="also write the demo's comparison table")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench-results")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.reference and args.overrides:

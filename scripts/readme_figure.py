@@ -18,13 +18,16 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gta.config import CONF_DIR, PROJECT_ROOT, register_configs
+from gta.config import CONF_DIR, register_configs
 from gta.data import SegmentationFiles, eval_transform
 from gta.engine.checkpoint import LAST
 from gta.eval import load_model
 from gta.train import RESULT_FILE
 from gta.train import run as train
 from gta.visualize import colorize, denormalize, grid, legend
+
+#: the checkout this script belongs to
+ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = ("teacher", "student", "assistant")
 #: GTA-Seg on the embedded dataset, shortened to 6 epochs (360 iterations): about 3 minutes on 2 cores
@@ -35,8 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4, help="validation images shown")
     parser.add_argument("--retrain", action="store_true", help="train the run again even if it exists")
-    parser.add_argument("--run-dir", type=Path, default=PROJECT_ROOT / "outputs" / "readme_figure")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "images" / "results.png")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs" / "readme_figure")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "results.png")
     parser.add_argument("overrides", nargs="*", help="train overrides laid over the figure's run")
     args = parser.parse_args()
 

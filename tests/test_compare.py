@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny
+from helpers import ROOT, tiny
 from hydra import compose
 
 from gta import train
-from gta.config import PROJECT_ROOT
 
 
 def reference(path: Path) -> Path:
@@ -44,7 +43,7 @@ def test_compare_runs_the_grid_with_the_all_labels_bound(tmp_path):
             f"dataset.root={tmp_path / 'data'}", "split=4", "data.batch_size=2", "data.val_batch_size=4",
             "trainer.iters=3", "trainer.eval_every=0", "trainer.snapshot_images=0", "device=cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    script = PROJECT_ROOT / "scripts" / "compare_methods.py"
+    script = ROOT / "scripts" / "compare_methods.py"
     done = subprocess.run([sys.executable, str(script), "--seeds", "0", "1", "--models", "own", "--no-mlflow",
                            "--out", str(tmp_path / "out"), *tiny], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,12 +4,13 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from hydra import compose
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gta.config import CONF_DIR, IMAGENET_MEAN, IMAGENET_STD, PROJECT_ROOT
+from gta.config import CONF_DIR, IMAGENET_MEAN, IMAGENET_STD
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 
@@ -57,7 +58,7 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
 
 def documented_overrides() -> list[str]:
     """The keys of the README's table "Overrides scripts can rely on" (each `key=` of its first column)."""
-    section = (PROJECT_ROOT / "README.md").read_text().split("### Overrides scripts can rely on\n", 1)[1]
+    section = (ROOT / "README.md").read_text().split("### Overrides scripts can rely on\n", 1)[1]
     rows = [line for line in section.lstrip("\n").split("\n\n", 1)[0].splitlines() if line.startswith("| `")]
     return [key for row in rows for key in re.findall(r"`([\w.+]+)=`", row.split("|")[1])]
 

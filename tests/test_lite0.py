@@ -203,7 +203,7 @@ def test_the_preset_normalises_as_the_weights_were_trained(file_state):
 @pytest.mark.usefixtures("hydra_conf")
 def test_a_lite0_run_evaluates_predicts_and_exports(tmp_path):
     """Train a few iterations with the preset on tiny synthetic data, then use the run as a user would.
-    The exported TorchScript applies the preset's normalisation and gives the network's logits at sizes other
+    The exported program applies the preset's normalisation and gives the network's logits at sizes other
     than the traced one (timm's TF "same" padding included)."""
     from hydra import compose
 
@@ -225,8 +225,8 @@ def test_a_lite0_run_evaluates_predicts_and_exports(tmp_path):
     overrides = [checkpoint, f"input={photos}", f"output={tmp_path / 'masks'}", "device=cpu"]
     assert predict(compose("predict", overrides=overrides)) == 2
 
-    export(compose("export", overrides=[checkpoint, f"output={tmp_path / 'model.pt'}"]))
-    exported = torch.jit.load(str(tmp_path / "model.pt"))
+    export(compose("export", overrides=[checkpoint, f"output={tmp_path / 'model.pt2'}"]))
+    exported = torch.export.load(tmp_path / "model.pt2").module()
     model = Segmenter(6, encoder_name="tu-tf_efficientnet_lite0", decoder_channels=64)
     model.load_state_dict(torch.load(run_dir / "student.pt", weights_only=True))
     model.eval()

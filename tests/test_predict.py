@@ -4,6 +4,7 @@ out for use outside Python."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,19 +95,52 @@ def test_predict_errors_name_the_culprit(run_dir, tmp_path):
         predict(compose("predict", overrides=[checkpoint, f"input={inputs}", f"output={inputs}"]))
 
 
-def test_torchscript_export_gives_the_models_logits(run_dir, tmp_path):
-    output = tmp_path / "model.pt"
-    export(compose("export", overrides=[f"checkpoint={run_dir / 'teacher.pt'}", f"output={output}"]))
-    exported = torch.jit.load(str(output))
+def saved_model(run_dir: Path):
+    """The run's teacher as the exported network should compute it: RGB in [0, 1], normalised, -> logits."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
     model = instantiate(cfg.model)
     model.load_state_dict(torch.load(run_dir / "teacher.pt", weights_only=True))
     model.eval()
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.dataset.mean, cfg.dataset.std))
-    for shape in [(1, 3, 64, 64), (2, 3, 37, 53)]:  # a multiple of the network's stride, and not
+    return lambda rgb: model((rgb - mean) / std)
+
+
+#: a multiple of the network's stride and not, a batch of one and of three (the program is traced with two)
+SHAPES = [(1, 3, 64, 64), (3, 3, 37, 53)]
+
+
+@pytest.mark.slow  # tracing the network with torch.export: about 15 s
+def test_exported_program_gives_the_models_logits_at_any_batch_and_size(run_dir, tmp_path):
+    """The default format, a torch.export program, with a free batch size, height and width; written without
+    a deprecation warning (TorchScript's tracer, which it replaced, warns that it is deprecated)."""
+    output = tmp_path / "model.pt2"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(compose("export", overrides=[f"checkpoint={run_dir / 'teacher.pt'}", f"output={output}"]))
+    deprecated = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert deprecated == [], [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecated]
+    exported, model = torch.export.load(output).module(), saved_model(run_dir)
+    for shape in SHAPES:
         rgb = torch.rand(shape)
         with torch.no_grad():
-            torch.testing.assert_close(exported(rgb), model((rgb - mean) / std))
+            torch.testing.assert_close(exported(rgb), model(rgb))
+
+
+@pytest.mark.slow
+def test_onnx_export_gives_the_models_logits(run_dir, tmp_path):
+    """The same program as ONNX, run by ONNX Runtime (where the onnx packages are installed)."""
+    for package in ("onnx", "onnxscript"):
+        pytest.importorskip(package)
+    onnxruntime = pytest.importorskip("onnxruntime")
+    output = tmp_path / "model.onnx"
+    export(compose("export", overrides=[f"checkpoint={run_dir / 'teacher.pt'}", f"output={output}", "format=onnx"]))
+    session, model = onnxruntime.InferenceSession(str(output)), saved_model(run_dir)
+    for shape in SHAPES:
+        rgb = torch.rand(shape)
+        with torch.no_grad():
+            expected = model(rgb)
+        logits = torch.from_numpy(session.run(None, {"rgb": rgb.numpy()})[0])
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_onnx_export_without_onnx_says_what_to_install(run_dir, tmp_path, monkeypatch):
@@ -116,6 +150,8 @@ def test_onnx_export_without_onnx_says_what_to_install(run_dir, tmp_path, monkey
         export(compose("export", overrides=overrides))
     with pytest.raises(ValueError, match="format must be one of"):
         export(compose("export", overrides=[*overrides[:2], "format=tflite"]))
+    with pytest.raises(ValueError, match="TorchScript is no longer written"):
+        export(compose("export", overrides=[*overrides[:2], "format=torchscript"]))
 
 
 @pytest.mark.slow

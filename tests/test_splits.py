@@ -8,11 +8,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from helpers import Recorder, tiny
+from helpers import ROOT, Recorder, tiny
 from hydra import compose
 from layouts import VOC_SBD_ONLY, write_cityscapes, write_voc
 
-from gta.config import PROJECT_ROOT
 from gta.data import LISTS_DIR, Cityscapes, PascalVOC, PascalVOCAug, SyntheticShapes, published_list, select_split
 from gta.train import REFERENCE
 from gta.train import run as train
@@ -79,8 +78,8 @@ def test_every_list_is_whole_and_of_its_size():
 def test_the_lists_and_the_demos_comparison_table_are_package_data():
     """A non-editable install carries exactly the files pyproject.toml declares."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    config = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    declared = {p for pattern in config["package-data"]["gta.data"] for p in (PROJECT_ROOT / "gta/data").glob(pattern)}
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = {p for pattern in config["package-data"]["gta.data"] for p in (ROOT / "gta/data").glob(pattern)}
     assert REFERENCE.is_file()
     assert declared == set(LISTS_DIR.rglob("*.txt")) | {REFERENCE}
 

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from helpers import ROOT, free_port, python
+from helpers import free_port, python
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
@@ -200,8 +200,8 @@ def test_sqlite_store_location(tmp_path, monkeypatch):
     assert sqlite_path("sqlite:///rel/mlflow.db") == tmp_path / "rel" / "mlflow.db"
     assert sqlite_path("sqlite:///:memory:") is None and sqlite_path("http://host:5000") is None
 
-    uri = default_tracking_uri()
-    assert uri.startswith("sqlite:///") and sqlite_path(uri) == ROOT / "mlflow.db"
+    uri = default_tracking_uri()  # the directory the command runs in, whether gta is a checkout or installed
+    assert uri.startswith("sqlite:///") and sqlite_path(uri) == tmp_path / "mlflow.db"
 
 
 def test_flatten_config():

@@ -121,9 +121,9 @@ class Segmenter(nn.Module):
         """p = g(f(x)); ``mask_predictor`` puts another g on the same f (see ``new_mask_predictor``)."""
         h, w = x.shape[-2:]
         d = self.size_divisor
-        pad_h, pad_w = (-h) % d, (-w) % d
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        # Padded even by nothing (a branch on the size would fix an exported program to one side of it), to
+        # sizes written as multiples of d, which keeps the sizes an exported program computes simple.
+        x = F.pad(x, (0, (w + d - 1) // d * d - w, 0, (h + d - 1) // d * d - h))
         if mask_predictor is None:
             return self.net(x)[..., :h, :w]
         return mask_predictor(self.net.decoder(self.net.encoder(x)))[..., :h, :w]

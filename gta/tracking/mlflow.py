@@ -44,8 +44,9 @@ UNSENT_METRICS_FILE = "unsent_metrics.jsonl"
 
 
 def default_tracking_uri() -> str:
-    """A sqlite store next to the ``gta`` package, absolute so the run's working directory is irrelevant."""
-    return path_to_local_sqlite_uri(Path(__file__).resolve().parents[2] / "mlflow.db")
+    """``mlflow.db`` in the directory the command runs in (as Hydra's outputs/), made absolute so that a later
+    ``chdir`` cannot move it."""
+    return path_to_local_sqlite_uri(Path.cwd() / "mlflow.db")
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from gta.config import PROJECT_ROOT
 from gta.errors import DataError
 
 PARENT_FILE = "mlflow_parent.json"
@@ -58,12 +57,19 @@ class SweepParent:
                 from e
 
 
-def git_commit(root: Path = PROJECT_ROOT) -> str:
-    """The checkout's commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+#: the checkout whose commit a sweep records: the directory above the package, when that is a git work tree
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def git_commit(root: Path = CHECKOUT) -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git, and
+    for an installed package (whose site-packages may lie inside some other repository: not gta's commit)."""
     try:
         run = lambda *args: subprocess.run(  # noqa: E731
             ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
+        if Path(run("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return "unknown"
         commit = run("rev-parse", "HEAD")
         dirty = run("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
