@@ -38,7 +38,7 @@ figure: setup ## docs/images/results.png: predictions of a short GTA-Seg run (CP
 	$(PY) scripts/readme_figure.py
 
 BENCH_ARGS ?=
-bench: setup ## engine overhead, EMA, data pipeline (+ the paper-scale step on CUDA): bench-results/bench.{md,json}
+bench: setup ## engine overhead, EMA, data pipeline, 2-process data parallelism (+ the paper-scale step on CUDA): bench-results/bench.{md,json}
 	HF_HUB_OFFLINE=1 $(PY) scripts/bench.py $(BENCH_ARGS)
 
 .PHONY: help setup demo test test-fast lint ui compare figure bench
