@@ -17,6 +17,11 @@ from torch import Tensor, nn
 
 Update = Callable[[str, Tensor], None]
 
+#: ImageNet's channel statistics: the input normalisation most pretrained encoders expect, and so the default
+#: of the networks and the datasets (the network's config states its own: ``model.mean`` / ``model.std``)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class Progress:

@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gta.config import CONF_DIR, IMAGENET_MEAN, IMAGENET_STD
+from gta.config import CONF_DIR
+from gta.contract import IMAGENET_MEAN, IMAGENET_STD
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 
