@@ -108,7 +108,7 @@ class ReportConfig:
     """Where a run sits in a paper table (tags of its MLflow run) and how ``gta report`` draws the table.
 
     Experiment files (experiments/<table>.yaml) fill this in; ``row`` and ``column`` are usually
-    interpolations of the keys the table sweeps (``${split}``, ``${hydra:runtime.choices.variant}``).
+    interpolations of the keys the table sweeps (``${split}``, ``${hydra:runtime.choices.method}``).
     """
 
     #: the experiment file the run belongs to, e.g. table4

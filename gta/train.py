@@ -6,6 +6,7 @@ import atexit
 import json
 import os
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,14 @@ def output_dir() -> Path:
 def task_overrides() -> list[str]:
     """The command-line overrides of this run (in a sweep: including the grid point's)."""
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def warn_deprecated_variant() -> None:
+    """``variant=NAME`` picked a method before method options could set other groups; it still works."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    if choices.get("variant"):
+        warnings.warn(f"variant={choices['variant']} is deprecated: it is method={choices['method']}, the same run "
+                      "(conf/method/)", FutureWarning, stacklevel=2)
 
 
 def experiment_file() -> str | None:
@@ -115,6 +124,8 @@ def record_run(cfg: DictConfig, logger: Logger, run_dir: Path, split, overrides:
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     # One of several processes under torchrun or in a multi-task SLURM job: data-parallel training
     dist = distributed.setup(cfg.device)
+    if dist.is_main:
+        warn_deprecated_variant()
     run_dir = ensure_writable(Path(run_dir or output_dir()))
     overrides = task_overrides()
     done = finished_result(run_dir, overrides) if dist.is_main and sweep_dir_of_job() is not None else None

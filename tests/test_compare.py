@@ -27,7 +27,7 @@ def reference(path: Path) -> Path:
 
 def test_the_demo_compares_itself_with_the_measured_table_only_at_that_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "REFERENCE", reference(tmp_path / "compare.json"))
-    line = train.comparison(["seed=1", "logger=none", "variant=mean_teacher"], "tu-resnet10t")
+    line = train.comparison(["seed=1", "logger=none", "method=mean_teacher"], "tu-resnet10t")
     assert "SupOnly 58.54 ± 0.71, GTA-Seg 59.48 ± 1.05; SupOnly on all 200 labels 80.97" in line
     assert "seeds 0-2" in line and "2026-12-04" in line
     assert train.comparison(["trainer.epochs=3"], "tu-resnet10t") is None  # another budget
@@ -59,7 +59,7 @@ def test_compare_runs_the_grid_with_the_all_labels_bound(tmp_path):
 def test_a_run_composed_in_a_script_does_not_claim_the_demos_budget(tmp_path, monkeypatch, capsys, hydra_conf):
     """A script that composes its own budget (``trainer.iters=60``, say) has no command line to check."""
     monkeypatch.setattr(train, "REFERENCE", reference(tmp_path / "compare.json"))
-    cfg = compose("train", overrides=[*tiny(tmp_path / "data"), "variant=suponly"])  # the small network: tu-resnet10t
+    cfg = compose("train", overrides=[*tiny(tmp_path / "data"), "method=suponly"])  # the small network: tu-resnet10t
     train.run(cfg, tmp_path / "run")
     out = capsys.readouterr().out
     assert "val mIoU student" in out and "make compare" not in out
