@@ -87,12 +87,13 @@ FolderConfig = schema(SegmentationFolder, SourceConfig)
 SegmenterConfig = schema(Segmenter, num_classes="${dataset.num_classes}")
 
 # --- method: the network factory is the engine's to give (``model``), the rest links to its groups -------
-SupOnlyConfig = schema(SupOnly, zen_exclude=("model",), ignore_index="${dataset.ignore_index}")
-SelfTrainingConfig = schema(
-    SelfTraining, zen_exclude=("model",), ema="${ema}", reweight="${reweight}", ignore_index="${dataset.ignore_index}"
-)
-MeanTeacherConfig = schema(MeanTeacher, SelfTrainingConfig, zen_exclude=("model",))
-UnbiasedSTConfig = schema(UnbiasedST, SelfTrainingConfig, zen_exclude=("model",))
+#: what a method's constructor receives from the other nodes of the tree
+METHOD_LINKS = {"ema": "${ema}", "reweight": "${reweight}", "ignore_index": "${dataset.ignore_index}"}
+SupOnlyConfig = schema(SupOnly, zen_exclude=("model",), ignore_index=METHOD_LINKS["ignore_index"])
+#: a method with SelfTraining's signature names its own ``_target_`` on this schema (docs/extending.md)
+SelfTrainingConfig = schema(SelfTraining, zen_exclude=("model",), **METHOD_LINKS)
+MeanTeacherConfig = schema(MeanTeacher, zen_exclude=("model",), **METHOD_LINKS)
+UnbiasedSTConfig = schema(UnbiasedST, zen_exclude=("model",), **METHOD_LINKS)
 GTAConfig = schema(GTASeg, SelfTrainingConfig, zen_exclude=("model", "options"))
 GTAReferenceConfig = schema(GTASegReference, GTAConfig, zen_exclude=("args", "kwargs"), reference=schema(Reference))
 
@@ -132,10 +133,13 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "pascal_voc_aug": PascalVOCAugConfig,
         "cityscapes": CityscapesConfig,
         "folder": FolderConfig,
+        # a source whose constructor takes SegmentationSource's parameters names its own _target_ on this
+        "source": SourceConfig,
     },
     "model": {"segmenter": SegmenterConfig},
     "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig,
-               "gta_reference": GTAReferenceConfig, "unbiased_st": UnbiasedSTConfig},
+               "gta_reference": GTAReferenceConfig, "unbiased_st": UnbiasedSTConfig,
+               "self_training": SelfTrainingConfig},
     "reweight": {"uniform": schema(Uniform), "confidence": schema(Confidence)},
     "optimizer": {"sgd": SGDConfig},
     "logger": {"none": schema(NullLogger)},

@@ -7,15 +7,18 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from gta.contract import check_method, check_network
 from gta.data import build_loaders, select_split, split_params, write_split
 from gta.data.sampler import derive_seed
 from gta.engine import distributed
@@ -28,6 +31,18 @@ from gta.engine.trainer import Trainer
 from gta.errors import MissingPathError
 from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import SweepParent, parent_for_job, run_tags, sweep_dir_of_job, sweep_tags, uses_mlflow
+
+
+def network_factory(node: DictConfig) -> Callable[[], nn.Module]:
+    """What a method calls to make its network: the model node built and checked against the contract."""
+    build = instantiate(node, _partial_=True)
+    return lambda: check_network(build(), f"model._target_={node._target_}")
+
+
+def network_name(cfg: DictConfig) -> str:
+    """The run's network as a person chose it: the model option (``deeplabv3plus_small``), else its target."""
+    choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+    return choice or cfg.model._target_
 
 
 def output_dir() -> Path:
@@ -126,6 +141,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     dist = distributed.setup(cfg.device)
     if dist.is_main:
         warn_deprecated_variant()
+    check_method(get_class(cfg.method._target_), f"method._target_={cfg.method._target_}")
     run_dir = ensure_writable(Path(run_dir or output_dir()))
     overrides = task_overrides()
     done = finished_result(run_dir, overrides) if dist.is_main and sweep_dir_of_job() is not None else None
@@ -144,7 +160,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
 
     source = instantiate(cfg.dataset)
     split = select_split(source, cfg.split, cfg.data.split_seed, cfg.data.split_dir, cfg.data.splits)
-    method = instantiate(cfg.method, model=instantiate(cfg.model, _partial_=True))
+    method = instantiate(cfg.method, model=network_factory(cfg.model))
     loaders = build_loaders(
         source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
         need_unlabeled=method.uses_unlabeled, rank=dist.rank, world_size=dist.world_size,
@@ -188,12 +204,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     reported = result.miou[method.reported]
     if dist.is_main:
         record = {"value": reported, "reported": method.reported, "miou": result.miou, "overrides": overrides,
-                  "run_id": logger.run_id, "network": cfg.model.encoder_name, "labeled": len(split.labeled),
+                  "run_id": logger.run_id, "network": network_name(cfg), "labeled": len(split.labeled),
                   "iterations": trainer.total_iters, "wall_time_s": round(trainer.wall_time, 1)}
         (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         print(summary(trainer, source, split, logger))
         # composed in-process (a script), a run has no command line to tell its budget by
-        line = comparison(overrides, cfg.model.encoder_name) if HydraConfig.initialized() else None
+        line = comparison(overrides, network_name(cfg)) if HydraConfig.initialized() else None
         if line:
             print(line)
     return reported

@@ -34,10 +34,9 @@ class WithPseudoHead(nn.Module):
 
     def param_groups(self, decoder_lr_mult: float) -> list[dict]:
         """The network's groups; the pseudo head, trained from scratch like the main head, at its rate."""
-        own = getattr(self.network, "param_groups", None)
-        groups = own(decoder_lr_mult) if callable(own) else [{"params": list(self.network.parameters())}]
         head = list(self.pseudo_head.parameters())
-        return [*groups, {"params": head, "lr_mult": decoder_lr_mult, "name": "pseudo_head"}]
+        return [*self.network.param_groups(decoder_lr_mult), {"params": head, "lr_mult": decoder_lr_mult,
+                                                              "name": "pseudo_head"}]
 
 
 class UnbiasedST(SelfTraining):

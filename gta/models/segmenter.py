@@ -32,6 +32,9 @@ class Segmenter(nn.Module):
     default).
     """
 
+    #: the constructor arguments that load pretrained weights (gta.contract.SegmentationNetwork)
+    pretrained_arguments = ("encoder_weights", "weights_path")
+
     def __init__(
         self,
         num_classes: int,
