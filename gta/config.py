@@ -1,9 +1,12 @@
-"""The typed schema behind the Hydra config tree.
+"""Where the config tree is, and the typed configs of the parts that take their config whole.
 
-Every group option's YAML file starts from one of these dataclasses (``defaults: [schema_<name>]``), so
-an unknown key or a value of the wrong type fails when the config is composed, naming the key. The
-``_target_`` of each node is the class or function it builds: the Python code never keeps a table of
-names to classes.
+The schema of everything a config builds by ``_target_`` (datasets, networks, methods, EMA, re-weighting,
+optimiser, evaluation protocol) is derived from the signatures of those classes in :mod:`gta.schema`, so
+each default is written once, in the code. The dataclasses here are the configs whose consumer takes the
+typed object itself (the ``Trainer`` takes ``TrainerConfig``), what ``train`` reads key by key (``data``,
+``report``), the commands' own options, and the MLflow logger's (its module imports MLflow, which a run
+with ``logger=none`` never loads). The ``_target_`` of each node is the class or function it builds: the
+Python code never keeps a table of names to classes.
 """
 
 from __future__ import annotations
@@ -11,202 +14,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import MISSING, OmegaConf
+
+from gta.tracking.base import EXPERIMENT_NAME
 
 #: The Hydra config tree, inside the package: in a checkout gta/conf links to conf/, a wheel carries a copy.
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-# --- dataset ---------------------------------------------------------------------------------------
-@dataclass
-class DatasetConfig:
-    _target_: str = MISSING
-    root: str = MISSING
-    num_classes: int = MISSING
-    ignore_index: int = 255
-    class_names: list[str] | None = None
-    palette: list[list[int]] | None = None
-    #: input normalisation; the network's pretrained weights set it (model.mean / model.std)
-    mean: list[float] = "${model.mean}"  # type: ignore[assignment]
-    std: list[float] = "${model.std}"  # type: ignore[assignment]
-    crop_size: int = 513
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    flip: bool = True
-    #: the class that labels crop padding (null: ignore_index, never a class); the released code uses 0
-    pad_label: int | None = None
-    #: draw half of the rescale factors below this value and half above (null: uniform over scale_range)
-    scale_pivot: float | None = None
-
-
-@dataclass
-class SyntheticConfig(DatasetConfig):
-    _target_: str = "gta.data.SyntheticShapes"
-    num_labeled_pool: int = 200
-    num_unlabeled: int = 300
-    num_val: int = 100
-    image_size: int = 64
-    seed: int = 0
-    #: spread of an object's hue around its class's (the class hues lie 0.2 apart): 0.03 keeps the hue
-    #: families apart, 0.07 lets their tails overlap
-    hue_jitter: float = 0.03
-
-
-@dataclass
-class PascalVOCConfig(DatasetConfig):
-    _target_: str = "gta.data.PascalVOC"
-    num_classes: int = 21
-
-
-@dataclass
-class PascalVOCAugConfig(PascalVOCConfig):
-    _target_: str = "gta.data.PascalVOCAug"
-
-
-@dataclass
-class CityscapesConfig(DatasetConfig):
-    _target_: str = "gta.data.Cityscapes"
-    num_classes: int = 19
-    crop_size: int = 769
-    #: "auto" (labelTrainIds files when every image has one), "labelIds" or "labelTrainIds"
-    label_files: str = "auto"
-
-
-@dataclass
-class FolderConfig(DatasetConfig):
-    _target_: str = "gta.data.SegmentationFolder"
-    image_dir: str = "images"
-    mask_dir: str = "masks"
-    image_suffix: str = ".jpg"
-    mask_suffix: str = ".png"
-    #: each a sub-folder of image_dir and mask_dir ("." for all of it) or a list file (*.txt) under root
-    train: str = "train"
-    val: str = "val"
-    unlabeled: str | None = None
-
-
-# --- model -----------------------------------------------------------------------------------------
-@dataclass
-class ModelConfig:
-    _target_: str = "gta.models.Segmenter"
-    num_classes: int = "${dataset.num_classes}"  # type: ignore[assignment]
-    arch: str = "DeepLabV3Plus"
-    encoder_name: str = "resnet101"
-    #: null (random), a tag smp/timm downloads ("imagenet"), or "package": from an installed package, offline
-    encoder_weights: str | None = None
-    #: a local file of encoder weights (timm/torchvision names, or lukemelas-style EfficientNet names)
-    weights_path: str | None = None
-    output_stride: int = 16
-    decoder_channels: int = 256
-    #: module-name prefixes that form the mask predictor g; every other parameter is the feature extractor f
-    mask_predictor: list[str] = field(default_factory=lambda: ["segmentation_head"])
-    #: the input normalisation the encoder's weights were trained with (the dataset's by default)
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-
-
-# --- method ----------------------------------------------------------------------------------------
-@dataclass
-class SupOnlyConfig:
-    _target_: str = "gta.methods.SupOnly"
-    ignore_index: int = "${dataset.ignore_index}"  # type: ignore[assignment]
-
-
-@dataclass
-class MeanTeacherConfig(SupOnlyConfig):
-    _target_: str = "gta.methods.MeanTeacher"
-    ema: Any = "${ema}"
-    reweight: Any = "${reweight}"
-    #: fraction of the least confident unlabeled pixels dropped per batch
-    drop: float = 0.2
-    #: μ, the weight of the unsupervised loss
-    unsup_weight: float = 1.0
-    warmup_epochs: int = 1
-    cutmix_prob: float = 0.5
-
-
-@dataclass
-class GTAConfig(MeanTeacherConfig):
-    _target_: str = "gta.methods.GTASeg"
-    #: what the student receives from the assistant by EMA: "feature_extractor" (the paper) or "all"
-    transmit: str = "feature_extractor"
-    #: what the assistant and the student learn from (Table 7): "labeled", "pseudo" or "labeled+pseudo"
-    assistant_data: str = "pseudo"
-    student_data: str = "labeled"
-
-
-@dataclass
-class ReferenceConfig:
-    """The released code's behaviours (docs/algorithm.md §5, gta/methods/reference.py); all off: the paper's."""
-
-    _target_: str = "gta.methods.reference.Reference"
-    shared_classifier: bool = False
-    resync_first_epoch: bool = False
-    constant_assistant_lr: bool = False
-    mixed_confidence: bool = False
-    dropped_in_normaliser: bool = False
-    bn_from_forwards: bool = False
-    warmup_forwards: bool = False
-
-
-@dataclass
-class GTAReferenceConfig(GTAConfig):
-    """GTA-Seg with a switch per behaviour of the released code (variant=gta_reference turns them all on)."""
-
-    _target_: str = "gta.methods.reference.GTASegReference"
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-
-
-@dataclass
-class UnbiasedSTConfig(MeanTeacherConfig):
-    _target_: str = "gta.methods.UnbiasedST"
-
-
-# --- ema / reweight / optimizer --------------------------------------------------------------------
-@dataclass
-class EMAConfig:
-    _target_: str = "gta.methods.ema.EMA"
-    alpha: float = 0.99
-    ramp: bool = True
-
-
-@dataclass
-class UniformReweightConfig:
-    _target_: str = "gta.methods.reweight.Uniform"
-
-
-@dataclass
-class ConfidenceReweightConfig:
-    _target_: str = "gta.methods.reweight.Confidence"
-    tau: float = 1.0
-
-
-@dataclass
-class SGDConfig:
-    _target_: str = "torch.optim.SGD"
-    _partial_: bool = True
-    lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-
 
 # --- logger ----------------------------------------------------------------------------------------
-@dataclass
-class NoLoggerConfig:
-    _target_: str = "gta.tracking.NullLogger"
-
-
 @dataclass
 class MLflowConfig:
     _target_: str = "gta.tracking.mlflow.MLflowLogger"
     #: null: $GTA_TRACKING_URI, else mlflow.db in the directory the command runs in (see README)
     tracking_uri: str | None = None
-    experiment_name: str = "gta"
+    experiment_name: str = EXPERIMENT_NAME
     #: null: named after the method, dataset, split and seed
     run_name: str | None = None
     #: where metrics that could not be sent are written (null: the run directory)
@@ -279,27 +102,13 @@ class DataConfig:
     on_bad_sample: str = "skip"
 
 
-@dataclass
-class EvalConfig:
-    _target_: str = "gta.engine.evaluate.EvalProtocol"
-    #: "whole" image, "center_crop" (crop_size) or "sliding" window (crop_size, stride; logits averaged)
-    mode: str = "whole"
-    crop_size: int = 513
-    stride: int = 513
-    #: which of the method's models are evaluated during training: "reported" (the teacher for GTA-Seg),
-    #: "all" (Table 6) or a list of names; the reported model is always among them
-    models: Any = "reported"
-    #: center_crop pads smaller images with this label (the dataset's pad_label; null: no padding)
-    pad_label: Any = "${dataset.pad_label}"
-
-
 # --- report --------------------------------------------------------------------------------------
 @dataclass
 class ReportConfig:
     """Where a run sits in a paper table (tags of its MLflow run) and how ``gta report`` draws the table.
 
     Experiment files (experiments/<table>.yaml) fill this in; ``row`` and ``column`` are usually
-    interpolations of the keys the table sweeps (``${split}``, ``${hydra:runtime.choices.variant}``).
+    interpolations of the keys the table sweeps (``${split}``, ``${hydra:runtime.choices.method}``).
     """
 
     #: the experiment file the run belongs to, e.g. table4
@@ -316,28 +125,6 @@ class ReportConfig:
     metrics: dict[str, str] = field(default_factory=dict)
     #: the paper's numbers for the table by row key, then column key
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-@dataclass
-class TrainConfig:
-    dataset: Any = MISSING
-    #: number of labeled images drawn from the dataset's labeled pool, or "all"
-    split: Any = "all"
-    model: ModelConfig = MISSING
-    method: Any = MISSING
-    ema: EMAConfig = MISSING
-    reweight: Any = MISSING
-    optimizer: SGDConfig = MISSING
-    logger: Any = MISSING
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    seed: int = 0
-    #: "auto" (CUDA when available), "cpu" or "cuda"
-    device: str = "auto"
-    #: checkpoint to continue from; null: <run dir>/checkpoints/last.pt if it exists; "never": start afresh
-    resume: str | None = None
 
 
 @dataclass
@@ -404,36 +191,22 @@ class ExportCommandConfig(SavedModelConfig):
     format: str = "pt2"
 
 
-SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {
-        "synthetic": SyntheticConfig,
-        "pascal_voc": PascalVOCConfig,
-        "pascal_voc_aug": PascalVOCAugConfig,
-        "cityscapes": CityscapesConfig,
-        "folder": FolderConfig,
-    },
-    "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig,
-               "gta_reference": GTAReferenceConfig, "unbiased_st": UnbiasedSTConfig},
-    "reweight": {"uniform": UniformReweightConfig, "confidence": ConfidenceReweightConfig},
-    "logger": {"none": NoLoggerConfig, "mlflow": MLflowConfig},
-}
-
-
 def register_configs() -> None:
-    """Store the schemas where the YAML files' defaults lists find them (``schema_<name>``).
-
-    Groups with a single shape (model, ema, optimizer) are typed by ``TrainConfig`` itself; groups whose
-    options differ in shape (dataset, method, reweight, logger) name their schema in each YAML file."""
+    """Store the schemas where the YAML files' defaults lists find them (``schema_<name>``): every group
+    option names its schema in its own file."""
     if not OmegaConf.has_resolver("gta_root"):
         # where data/ lies unless $GTA_DATA says otherwise: the directory the command runs in, as for outputs/
         OmegaConf.register_new_resolver("gta_root", os.getcwd)
-    from hydra.core.config_store import ConfigStore  # here: the engine reads the schema without Hydra
+    # here: the engine reads this module's configs without Hydra, the methods, the networks or the data
+    from hydra.core.config_store import ConfigStore
+
+    from gta.schema import SCHEMAS, TrainConfig
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalCommandConfig)
     cs.store(name="predict_schema", node=PredictCommandConfig)
     cs.store(name="export_schema", node=ExportCommandConfig)
-    for group, schemas in SCHEMAS.items():
+    for group, schemas in {**SCHEMAS, "logger": {**SCHEMAS["logger"], "mlflow": MLflowConfig}}.items():
         for name, node in schemas.items():
             cs.store(group=group, name=f"schema_{name}", node=node)

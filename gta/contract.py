@@ -1,21 +1,37 @@
-"""The contract between a method and the engine: the one module both import.
+"""The extension points: what a method, a segmentation network and a batch are. The one module that the
+engine, the methods, the networks and the data all import.
 
 A method owns its networks and the algorithm; the engine owns everything else (devices, precision,
 optimisers, schedules, data, evaluation, logging, checkpoints). The engine hands ``training_step`` an
 ``update`` callback: ``update(name, loss)`` back-propagates ``loss`` and steps the optimiser of the
 model ``name``, so the method decides *when* each model learns (Algorithm 1 interleaves steps and EMA
 updates) while the engine decides *how* a step is taken.
+
+Each is built from a config node's ``_target_``: ``method._target_`` must name a :class:`Method` subclass
+that implements its abstract members, ``model._target_`` a class (or function) that returns a
+:class:`SegmentationNetwork`. ``train`` checks both before training and names what is missing
+(:func:`check_method`, :func:`check_network`).
 """
 
 from __future__ import annotations
 
+import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gta.errors import ContractError
+
 Update = Callable[[str, Tensor], None]
+
+#: ImageNet's channel statistics: the input normalisation most pretrained encoders expect, and so the default
+#: of the networks and the datasets (the network's config states its own: ``model.mean`` / ``model.std``)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -34,8 +50,9 @@ class Progress:
 class Batch:
     """A labeled batch (x_l, y_l) and, for semi-supervised methods, an unlabeled batch x_u.
 
-    ``unlabeled_mask`` holds the ignore index where x_u is crop padding and 0 elsewhere: it carries no
-    ground truth, only which pixels are real image.
+    Images are N x 3 x H x W, normalised with the dataset's mean and std; masks N x H x W class indices,
+    the ignore index where there is no label. ``unlabeled_mask`` holds the ignore index where x_u is crop
+    padding and 0 elsewhere: it carries no ground truth, only which pixels are real image.
     """
 
     image: Tensor
@@ -44,8 +61,84 @@ class Batch:
     unlabeled_mask: Tensor | None = None
 
 
-class Method(nn.Module):
-    """Base class: the networks are submodules, so ``state_dict`` holds every model of the method."""
+class SegmentationNetwork(Protocol):
+    """What a segmentation network must offer (``model._target_``; ``gta.models.Segmenter`` is one).
+
+    The paper splits a network into a feature extractor f and a mask predictor g: GTA-Seg moves f alone
+    from the assistant into the student (Eq. 9), Unbiased ST puts a second g on the same f. A method makes
+    its networks by calling the model node with no argument (the config's keys are the constructor's), so
+    every model of a run starts from one network's copies. Beyond these members a network is a plain
+    ``nn.Module``: its ``state_dict`` is what ``train`` saves and ``eval`` / ``predict`` / ``export`` load.
+    A network whose constructor loads pretrained weights may list those arguments in a class attribute
+    ``pretrained_arguments``: a saved model is rebuilt with them set to None, its weights coming from the
+    checkpoint.
+    """
+
+    def forward(self, x: Tensor, mask_predictor: nn.Module | None = None) -> Tensor:
+        """Logits N x C x H x W for images N x 3 x H x W of any size; with ``mask_predictor``, that g on
+        this network's f in place of its own."""
+        ...
+
+    def feature_extractor_parameters(self) -> list[nn.Parameter]:
+        """f: every parameter outside the mask predictor."""
+        ...
+
+    def mask_predictor_parameters(self) -> list[nn.Parameter]:
+        """g: the parameters of the mask predictor."""
+        ...
+
+    def new_mask_predictor(self) -> nn.Module:
+        """A freshly initialised g for this network's f, for ``forward(x, mask_predictor=...)``."""
+        ...
+
+    def param_groups(self, decoder_lr_mult: float) -> list[dict]:
+        """The optimiser's parameter groups, covering every parameter once: ``{"params": [...], "lr_mult":
+        m, "name": ...}``, ``m`` scaling the optimiser's learning rate (pretrained parts 1, parts trained
+        from scratch ``decoder_lr_mult``, ``trainer.decoder_lr_mult``)."""
+        ...
+
+
+#: the members of :class:`SegmentationNetwork`, in the order its docstring gives them
+NETWORK_MEMBERS = tuple(name for name in vars(SegmentationNetwork) if not name.startswith("_"))
+
+
+def check_network(network: object, origin: str) -> nn.Module:
+    """``network`` if it offers every member of :class:`SegmentationNetwork`, else a ContractError naming what
+    it lacks; ``origin`` says where it came from (``model._target_=...``)."""
+    missing = [name for name in NETWORK_MEMBERS if not callable(getattr(network, name, None))]
+    if not isinstance(network, nn.Module):
+        missing.insert(0, "nn.Module as its base class")
+    elif "forward" not in missing and "mask_predictor" not in inspect.signature(network.forward).parameters:
+        missing.append("the mask_predictor argument of forward")
+    if missing:
+        raise ContractError(
+            f"{origin} built a {type(network).__name__}, which lacks {', '.join(missing)}: a segmentation network "
+            f"must offer {', '.join(NETWORK_MEMBERS)} (gta.contract.SegmentationNetwork)"
+        )
+    return network
+
+
+def check_method(cls: object, origin: str) -> None:
+    """Nothing if ``cls`` is a :class:`Method` subclass that implements every abstract member, else a
+    ContractError naming what it lacks; ``origin`` says where it came from (``method._target_=...``)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ContractError(f"{origin} is {cls!r}, not a subclass of gta.contract.Method")
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise ContractError(
+            f"{origin}: {cls.__name__} does not implement {', '.join(missing)}, which a method must offer "
+            "(gta.contract.Method)"
+        )
+
+
+class Method(nn.Module, ABC):
+    """Base class: the networks are submodules, so ``state_dict`` holds every model of the method.
+
+    A method must implement ``trained_models``, ``evaluated_models`` and ``training_step``, and may set
+    ``reported``, ``uses_unlabeled``, ``scheduled`` and ``inspect``. Its constructor takes ``model``, the
+    factory of its network (:class:`SegmentationNetwork`), and its own options as keyword arguments: the
+    config schema is read from that signature (gta/schema.py).
+    """
 
     #: the model whose validation mIoU is the method's result (``val/miou``)
     reported: str = "teacher"
@@ -53,21 +146,22 @@ class Method(nn.Module):
     uses_unlabeled: bool = True
     ignore_index: int = 255
 
+    @abstractmethod
     def trained_models(self) -> dict[str, nn.Module]:
-        """The models that have an optimiser, by name (the names ``update`` accepts)."""
-        raise NotImplementedError
+        """The models that have an optimiser, by name (the names ``update`` accepts); a model's
+        ``param_groups`` (a network's, or a wrapper's) sets its learning rates, else one group holds all."""
 
+    @abstractmethod
     def evaluated_models(self) -> dict[str, nn.Module]:
         """The models evaluated on the validation set, by name (``val/<name>/miou``)."""
-        raise NotImplementedError
 
     def scheduled(self, name: str) -> bool:
         """Whether the learning-rate schedule applies to model ``name``'s optimiser."""
         return True
 
+    @abstractmethod
     def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:
         """One iteration; returns the scalars worth logging (detached)."""
-        raise NotImplementedError
 
     def inspect(self, batch: Batch) -> dict[str, Tensor]:
         """Per-pixel maps (B x H x W) of what the method makes of ``batch.unlabeled``, by title, for the

@@ -13,6 +13,7 @@ from pathlib import Path
 __all__ = [
     "BadSampleError",
     "ConfigError",
+    "ContractError",
     "DataError",
     "MissingFilesError",
     "MissingPathError",
@@ -30,6 +31,10 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A setting (a config value or a command-line override) that cannot work."""
+
+
+class ContractError(UserError, TypeError):
+    """A class that a config's ``_target_`` names lacks what its extension point requires (gta/contract.py)."""
 
 
 class DataError(UserError, ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -77,13 +77,13 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, DictConfig]:
     checkpoint = Path(cfg.checkpoint).expanduser()
     state = load_model_state(checkpoint, cfg.model_name)
     run_cfg = run_config(cfg)
-    # The weights come from the checkpoint: never download or read pretrained encoder weights.
-    model = instantiate(run_cfg.model, encoder_weights=None, weights_path=None)
+    # The weights come from the checkpoint: never download or read pretrained weights.
+    pretrained = getattr(get_class(run_cfg.model._target_), "pretrained_arguments", ())
+    model = instantiate(run_cfg.model, **dict.fromkeys(pretrained))
     incompatible = model.load_state_dict(state, strict=False)
     if incompatible.missing_keys or incompatible.unexpected_keys:
         raise ConfigError(
-            f"checkpoint {checkpoint} does not fit the run's model ({run_cfg.model.arch}/"
-            f"{run_cfg.model.encoder_name}): missing {incompatible.missing_keys[:3]}, unexpected "
-            f"{incompatible.unexpected_keys[:3]}"
+            f"checkpoint {checkpoint} does not fit the run's model ({run_cfg.model._target_}): missing "
+            f"{incompatible.missing_keys[:3]}, unexpected {incompatible.unexpected_keys[:3]}"
         )
     return model.eval(), run_cfg

@@ -6,15 +6,19 @@ import atexit
 import json
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from gta.contract import check_method, check_network
 from gta.data import build_loaders, select_split, split_params, write_split
 from gta.data.sampler import derive_seed
 from gta.engine import distributed
@@ -29,6 +33,18 @@ from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import SweepParent, parent_for_job, run_tags, sweep_dir_of_job, sweep_tags, uses_mlflow
 
 
+def network_factory(node: DictConfig) -> Callable[[], nn.Module]:
+    """What a method calls to make its network: the model node built and checked against the contract."""
+    build = instantiate(node, _partial_=True)
+    return lambda: check_network(build(), f"model._target_={node._target_}")
+
+
+def network_name(cfg: DictConfig) -> str:
+    """The run's network as a person chose it: the model option (``deeplabv3plus_small``), else its target."""
+    choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+    return choice or cfg.model._target_
+
+
 def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
 
@@ -36,6 +52,14 @@ def output_dir() -> Path:
 def task_overrides() -> list[str]:
     """The command-line overrides of this run (in a sweep: including the grid point's)."""
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def warn_deprecated_variant() -> None:
+    """``variant=NAME`` picked a method before method options could set other groups; it still works."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    if choices.get("variant"):
+        warnings.warn(f"variant={choices['variant']} is deprecated: it is method={choices['method']}, the same run "
+                      "(conf/method/)", FutureWarning, stacklevel=2)
 
 
 def experiment_file() -> str | None:
@@ -115,6 +139,9 @@ def record_run(cfg: DictConfig, logger: Logger, run_dir: Path, split, overrides:
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     # One of several processes under torchrun or in a multi-task SLURM job: data-parallel training
     dist = distributed.setup(cfg.device)
+    if dist.is_main:
+        warn_deprecated_variant()
+    check_method(get_class(cfg.method._target_), f"method._target_={cfg.method._target_}")
     run_dir = ensure_writable(Path(run_dir or output_dir()))
     overrides = task_overrides()
     done = finished_result(run_dir, overrides) if dist.is_main and sweep_dir_of_job() is not None else None
@@ -133,7 +160,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
 
     source = instantiate(cfg.dataset)
     split = select_split(source, cfg.split, cfg.data.split_seed, cfg.data.split_dir, cfg.data.splits)
-    method = instantiate(cfg.method, model=instantiate(cfg.model, _partial_=True))
+    method = instantiate(cfg.method, model=network_factory(cfg.model))
     loaders = build_loaders(
         source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
         need_unlabeled=method.uses_unlabeled, rank=dist.rank, world_size=dist.world_size,
@@ -177,12 +204,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     reported = result.miou[method.reported]
     if dist.is_main:
         record = {"value": reported, "reported": method.reported, "miou": result.miou, "overrides": overrides,
-                  "run_id": logger.run_id, "network": cfg.model.encoder_name, "labeled": len(split.labeled),
+                  "run_id": logger.run_id, "network": network_name(cfg), "labeled": len(split.labeled),
                   "iterations": trainer.total_iters, "wall_time_s": round(trainer.wall_time, 1)}
         (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         print(summary(trainer, source, split, logger))
         # composed in-process (a script), a run has no command line to tell its budget by
-        line = comparison(overrides, cfg.model.encoder_name) if HydraConfig.initialized() else None
+        line = comparison(overrides, network_name(cfg)) if HydraConfig.initialized() else None
         if line:
             print(line)
     return reported

@@ -29,7 +29,7 @@ from gta.train import REFERENCE, RESULT_FILE
 #: the checkout this script belongs to
 ROOT = Path(__file__).resolve().parents[1]
 
-#: the baselines and the method, as the paper's tables define them (conf/variant/)
+#: the baselines and the method, as the paper's tables define them (conf/method/)
 METHODS = {"SupOnly": "suponly", "Mean Teacher": "mean_teacher", "GTA-Seg": "gta"}
 #: --models names: the dataset's own network (its recipe's) and the pretrained encoder
 MODELS = {"own": None, "lite0": "deeplabv3plus_lite0"}
@@ -88,11 +88,11 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
 
-    def jobs(model: str, variant: str, extra: list[str], name: str) -> list[tuple[list[str], Path]]:
+    def jobs(model: str, method: str, extra: list[str], name: str) -> list[tuple[list[str], Path]]:
         chosen = [f"model={MODELS[model]}"] if MODELS[model] else []
         replaced = {e.split("=", 1)[0] for e in extra}
         kept = [o for o in args.overrides if o.split("=", 1)[0] not in replaced]
-        overrides = [f"variant={variant}", *chosen, *logger, *kept, *extra]
+        overrides = [f"method={method}", *chosen, *logger, *kept, *extra]
         return [(overrides + [f"seed={s}"], args.out / "compare" / f"{model}-{name}-seed{s}") for s in args.seeds]
 
     def results(grid: list[list[tuple]]) -> list[list[dict]]:
@@ -106,7 +106,7 @@ def main() -> None:
     rows = []
     with ThreadPoolExecutor(args.jobs) as pool:
         for model in args.models:
-            grid = [jobs(model, variant, [], variant) for variant in METHODS.values()]
+            grid = [jobs(model, method, [], method) for method in METHODS.values()]
             for method, found in zip(METHODS, results(grid), strict=True):
                 rows.append(row(model, method, "split", found))
             # the bound: every labeled image, as many iterations as the semi-supervised runs

@@ -23,7 +23,7 @@ from gta.train import run
 
 def quality(overrides: list[str], drop: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose("train", overrides=["variant=suponly", "logger=none", "trainer.progress=none", *overrides])
+        cfg = compose("train", overrides=["method=suponly", "logger=none", "trainer.progress=none", *overrides])
         run(cfg, Path(tmp))
         model = instantiate(cfg.model, encoder_weights=None)
         model.load_state_dict(torch.load(Path(tmp) / "student.pt", weights_only=True))

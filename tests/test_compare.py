@@ -16,10 +16,11 @@ from gta import train
 
 
 def reference(path: Path) -> Path:
+    small = {"network": "deeplabv3plus_small"}
     rows = [
-        {"network": "tu-resnet10t", "method": "SupOnly", "labels": "split", "labeled": 20, "mean": 58.54, "std": 0.71},
-        {"network": "tu-resnet10t", "method": "GTA-Seg", "labels": "split", "labeled": 20, "mean": 59.48, "std": 1.05},
-        {"network": "tu-resnet10t", "method": "SupOnly", "labels": "all", "labeled": 200, "mean": 80.97, "std": 0.0},
+        small | {"method": "SupOnly", "labels": "split", "labeled": 20, "mean": 58.54, "std": 0.71},
+        small | {"method": "GTA-Seg", "labels": "split", "labeled": 20, "mean": 59.48, "std": 1.05},
+        small | {"method": "SupOnly", "labels": "all", "labeled": 200, "mean": 80.97, "std": 0.0},
     ]
     path.write_text(json.dumps({"date": "2026-12-04", "seeds": [0, 1, 2], "overrides": [], "rows": rows}))
     return path
@@ -27,14 +28,14 @@ def reference(path: Path) -> Path:
 
 def test_the_demo_compares_itself_with_the_measured_table_only_at_that_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "REFERENCE", reference(tmp_path / "compare.json"))
-    line = train.comparison(["seed=1", "logger=none", "variant=mean_teacher"], "tu-resnet10t")
+    line = train.comparison(["seed=1", "logger=none", "method=mean_teacher"], "deeplabv3plus_small")
     assert "SupOnly 58.54 ± 0.71, GTA-Seg 59.48 ± 1.05; SupOnly on all 200 labels 80.97" in line
     assert "seeds 0-2" in line and "2026-12-04" in line
-    assert train.comparison(["trainer.epochs=3"], "tu-resnet10t") is None  # another budget
-    assert train.comparison(["split=50"], "tu-resnet10t") is None
-    assert train.comparison([], "tu-tf_efficientnet_lite0") is None  # a network the table has no rows for
+    assert train.comparison(["trainer.epochs=3"], "deeplabv3plus_small") is None  # another budget
+    assert train.comparison(["split=50"], "deeplabv3plus_small") is None
+    assert train.comparison([], "deeplabv3plus_lite0") is None  # a network the table has no rows for
     monkeypatch.setattr(train, "REFERENCE", tmp_path / "absent.json")
-    assert train.comparison([], "tu-resnet10t") is None
+    assert train.comparison([], "deeplabv3plus_small") is None
 
 
 @pytest.mark.slow
@@ -59,7 +60,7 @@ def test_compare_runs_the_grid_with_the_all_labels_bound(tmp_path):
 def test_a_run_composed_in_a_script_does_not_claim_the_demos_budget(tmp_path, monkeypatch, capsys, hydra_conf):
     """A script that composes its own budget (``trainer.iters=60``, say) has no command line to check."""
     monkeypatch.setattr(train, "REFERENCE", reference(tmp_path / "compare.json"))
-    cfg = compose("train", overrides=[*tiny(tmp_path / "data"), "variant=suponly"])  # the small network: tu-resnet10t
+    cfg = compose("train", overrides=[*tiny(tmp_path / "data"), "method=suponly"])  # the small network: deeplabv3plus_small
     train.run(cfg, tmp_path / "run")
     out = capsys.readouterr().out
     assert "val mIoU student" in out and "make compare" not in out

@@ -10,13 +10,14 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gta.config import CONF_DIR, IMAGENET_MEAN, IMAGENET_STD
+from gta.config import CONF_DIR
+from gta.contract import IMAGENET_MEAN, IMAGENET_STD
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 
 
 def is_global(path: Path) -> bool:
-    """Options in the global package (launcher, variant, experiment) set several groups at once;
+    """Options in the global package (launcher, experiment, the methods that set other groups) set several groups at once;
     tests/test_sweeps.py and tests/test_experiments.py compose and run them."""
     return path.read_text().startswith("# @package _global_")
 

@@ -106,6 +106,7 @@ def test_the_folder_recipe_is_the_voc_one_for_data_without_a_protocol():
 
 def test_a_command_line_choice_wins_over_the_recipe():
     small = OmegaConf.load(Path(CONF_DIR) / "model" / "deeplabv3plus_small.yaml")
+    del small["defaults"]  # the option's schema; what follows are its values
     cfg = compose("train", overrides=["dataset=cityscapes", "model=deeplabv3plus_small", "trainer.epochs=2",
                                       "optimizer.lr=0.2", "eval.mode=whole", "data.splits=cps", "split=1_16"])
     assert OmegaConf.merge(cfg.model, small) == cfg.model  # the group's own values, none of the recipe's

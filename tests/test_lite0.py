@@ -15,7 +15,7 @@ from matplotlib import cbook
 from PIL import Image
 from timm.models._efficientnet_blocks import InvertedResidual
 
-from gta.config import IMAGENET_MEAN, IMAGENET_STD
+from gta.contract import IMAGENET_MEAN, IMAGENET_STD
 from gta.models import Segmenter, lite0
 
 #: ImageNet class 652, "military uniform": what matplotlib's sample photo of Grace Hopper shows

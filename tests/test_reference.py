@@ -234,14 +234,14 @@ def test_everything_on_trains_through_every_phase():
 
 
 def test_preset_turns_every_switch_on(hydra_conf):
-    cfg = compose("train", overrides=["variant=gta_reference"])
+    cfg = compose("train", overrides=["method=gta_released"])
     method = configured_method(cfg)
     assert isinstance(method, GTASegReference) and all(dataclasses.asdict(method.reference).values())
     assert method.ema.alpha == 0.999 and method.ema.ramp  # §5.6
     assert cfg.dataset.pad_label == 0 and cfg.dataset.scale_pivot == 1.0  # §5.8, §5.10
     assert instantiate(cfg.eval).pad_label == 0  # §5.8 in validation too
     # the preset's values are defaults like any other: the command line still wins
-    assert compose("train", overrides=["variant=gta_reference", "ema.alpha=0.99"]).method.ema.alpha == 0.99
+    assert compose("train", overrides=["method=gta_released", "ema.alpha=0.99"]).method.ema.alpha == 0.99
     paper = compose("train")
     assert paper.dataset.pad_label is None and paper.dataset.scale_pivot is None and paper.method.ema.alpha == 0.99
     assert "reference" not in paper.method  # the paper's GTA-Seg has no switches to set

@@ -3,14 +3,19 @@ warm-up length, transmission scope and re-weighting, each composed from the conf
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import IPE, configured_method, make_batch, sgd_update, snapshot, tiny_method
 from hydra import compose
+from hydra.core.hydra_config import HydraConfig
 
+from gta.config import CONF_DIR
 from gta.contract import Progress
 from gta.methods import GTASeg, MeanTeacher, UnbiasedST
 from gta.models import Segmenter
+from gta.train import warn_deprecated_variant
 
 AFTER_WARMUP = Progress(IPE, IPE)
 
@@ -172,11 +177,43 @@ def weighs(raw: list[float]):
     (["reweight=confidence"], weighs([0.8, 0.4, 0.2])),  # w ∝ c
     (["reweight=laplace"], weighs([1.8, 1.4, 1.2])),  # Eq. 6: w ∝ c + 1
     # the baseline of Tables 1 and 4 (and make compare): Mean Teacher without re-weighting
-    (["variant=mean_teacher"], lambda m: isinstance(m, MeanTeacher) and weighs([1.0, 1.0, 1.0])(m)),
+    (["method=mean_teacher"], lambda m: isinstance(m, MeanTeacher) and weighs([1.0, 1.0, 1.0])(m)),
+    (["method=mean_teacher", "reweight=laplace"], weighs([1.8, 1.4, 1.2])),  # the command line wins
+    (["method=gta_no_reweight"], lambda m: type(m) is GTASeg and weighs([1.0, 1.0, 1.0])(m)),
+    (["method=gta_ema_all"], lambda m: type(m) is GTASeg and m.transmit == "all" and weighs([1.8, 1.4, 1.2])(m)),
 ])
 def test_variant_options_compose(hydra_conf, overrides, check):
     method = build(overrides)
     assert check(method), overrides
+
+
+METHOD_OPTIONS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
+VARIANTS = sorted(p.stem for p in (Path(CONF_DIR) / "variant").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", METHOD_OPTIONS)
+def test_every_method_option_builds_its_method(hydra_conf, name):
+    """Options that set other groups too (``mean_teacher``: ``reweight=none``) live in the global package."""
+    cfg = compose("train", overrides=[f"method={name}"], return_hydra_config=True)
+    assert cfg.hydra.runtime.choices.method == name  # what a table's row key reads
+    method = build([f"method={name}"])
+    assert method.reported in method.evaluated_models()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_deprecated_variant_is_its_method_and_says_so(hydra_conf, variant):
+    """``variant=NAME`` (scripts may have it) composes ``method=NAME``, the same run, and the run warns, naming
+    the replacement."""
+    replacement = "gta_released" if variant == "gta_reference" else variant
+    old = compose("train", overrides=[f"variant={variant}"], return_hydra_config=True)
+    new = compose("train", overrides=[f"method={replacement}"])
+    assert {k: v for k, v in old.items() if k != "hydra"} == new
+    HydraConfig.instance().set_config(old)  # what a run started by Hydra sees
+    try:
+        with pytest.warns(FutureWarning, match=f"variant={variant} is deprecated: it is method={replacement}"):
+            warn_deprecated_variant()
+    finally:
+        HydraConfig.instance().cfg = None  # the other tests compose without a Hydra run
 
 
 def test_the_default_config_trains_as_the_paper_does(hydra_conf):

@@ -1,4 +1,5 @@
-"""A tiny network with the Segmenter's f / g interface, so algorithm tests run in milliseconds."""
+"""A tiny network that offers what the contract asks of a segmentation network (gta.contract.SegmentationNetwork),
+so algorithm tests run in milliseconds."""
 
 from __future__ import annotations
 
@@ -23,3 +24,6 @@ class TinySegmenter(nn.Module):
 
     def mask_predictor_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
+
+    def param_groups(self, decoder_lr_mult: float) -> list[dict]:
+        return [{"params": list(self.parameters()), "lr_mult": 1.0, "name": "all"}]

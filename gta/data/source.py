@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from gta.contract import IMAGENET_MEAN, IMAGENET_STD
 from gta.errors import BadSampleError, ConfigError, DataError, MissingFilesError, MissingPathError
 
 __all__ = [
@@ -121,8 +122,8 @@ class SegmentationSource:
         ignore_index: int = 255,
         class_names: list[str] | None = None,
         palette: list[list[int]] | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         crop_size: int = 513,
         scale_range: Sequence[float] = (0.5, 2.0),
         flip: bool = True,

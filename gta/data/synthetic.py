@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -205,8 +206,12 @@ class SyntheticShapes(SegmentationSource):
         image_size: int = 64,
         seed: int = 0,
         hue_jitter: float = HUE_JITTER,
+        crop_size: int | None = None,
+        scale_range: Sequence[float] = (0.75, 1.5),
         **source_kwargs,
     ) -> None:
+        """Crops of ``crop_size`` (None: ``image_size``, whole images) after a mild rescaling: at 64 px a 0.5x
+        scale shrinks the smallest shapes to a few pixels and turns most of the crop into padding."""
         source_kwargs = fixed_labels(
             "SyntheticShapes", source_kwargs, num_classes=type(self).num_classes,
             class_names=list(type(self).class_names),
@@ -217,11 +222,8 @@ class SyntheticShapes(SegmentationSource):
             raise ConfigError(f"image_size must be >= 8, got {image_size}")
         if not 0 <= hue_jitter <= 0.5:
             raise ConfigError(f"dataset.hue_jitter must lie in [0, 0.5] (a fraction of the hue circle), got {hue_jitter}")
-        # Train on whole images by default; mild rescaling, since at 64 px a 0.5x scale shrinks the
-        # smallest shapes to a few pixels and turns most of the crop into padding.
-        source_kwargs.setdefault("crop_size", image_size)
-        source_kwargs.setdefault("scale_range", (0.75, 1.5))
-        super().__init__(root, **source_kwargs)
+        crop_size = image_size if crop_size is None else crop_size
+        super().__init__(root, crop_size=crop_size, scale_range=scale_range, **source_kwargs)
         self.params = {
             "dataset": "SyntheticShapes",
             "generator_version": GENERATOR_VERSION,

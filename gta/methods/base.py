@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from abc import abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -25,26 +26,32 @@ class SelfTraining(Method):
     (``warmup_epochs``) the student learns from labels alone. At the hand-over, the first semi-supervised
     iteration and before any pseudo-label is made, every follower (the teacher; GTA-Seg's assistant too)
     becomes an exact copy of the warmed-up student. Then ``semi_supervised_step`` runs each iteration.
-    Also holds the pseudo-labelling settings and makes the targets of steps 1-3 of Algorithm 1.
+    Also holds the pseudo-labelling settings and makes the targets of steps 1-3 of Algorithm 1: the
+    fraction ``drop`` of least confident pixels ignored, CutMix with probability ``cutmix_prob``, the
+    unsupervised loss weighted by ``unsup_weight`` (μ); ``model`` makes the network (the config's ``model``).
     """
 
     def __init__(
         self,
-        student: nn.Module,
+        model: Callable[[], nn.Module],
         ema: EMA,
         reweight: Callable[[Tensor, Tensor], Tensor],
-        ignore_index: int,
-        drop: float,
-        unsup_weight: float,
-        warmup_epochs: int,
-        cutmix_prob: float,
+        ignore_index: int = 255,
+        drop: float = 0.2,
+        unsup_weight: float = 1.0,
+        warmup_epochs: int = 1,
+        cutmix_prob: float = 0.5,
     ) -> None:
         super().__init__()
-        self.student = student
+        self.student = self.make_student(model())
         self.teacher = follower(self.student_network)
         self.ema, self.reweight = ema, reweight
         self.ignore_index, self.drop, self.unsup_weight = ignore_index, drop, unsup_weight
         self.warmup_epochs, self.cutmix_prob = warmup_epochs, cutmix_prob
+
+    def make_student(self, network: nn.Module) -> nn.Module:
+        """The student built around a freshly made ``network`` (Unbiased ST adds a second head)."""
+        return network
 
     @property
     def student_network(self) -> nn.Module:
@@ -80,8 +87,9 @@ class SelfTraining(Method):
         for model in self.followers():
             model.load_state_dict(state)  # in place: optimisers keep their references
 
+    @abstractmethod
     def semi_supervised_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """One iteration after the hand-over; returns the scalars worth logging (detached)."""
 
     def pseudo_labels(self, batch: Batch) -> PseudoLabels:
         """Steps 1-3: the teacher's pseudo-labels for ``batch.unlabeled``, CutMixed, thresholded, weighted."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -24,21 +25,22 @@ DATA = ("labeled", "pseudo", "labeled+pseudo")
 
 
 class GTASeg(SelfTraining):
+    """``transmit``: what the student receives from the assistant by EMA (Eq. 9), its ``feature_extractor``
+    (the paper) or ``all``; ``assistant_data`` / ``student_data``: what each learns from (Table 7),
+    ``labeled``, ``pseudo`` or ``labeled+pseudo``; ``options``: the pseudo-labelling settings of
+    ``SelfTraining`` (``drop``, ``unsup_weight``, ``warmup_epochs``, ``cutmix_prob``, ``ignore_index``)."""
+
     def __init__(
         self,
         model: Callable[[], nn.Module],
         ema: EMA,
         reweight: Callable[[Tensor, Tensor], Tensor],
-        ignore_index: int = 255,
-        drop: float = 0.2,
-        unsup_weight: float = 1.0,
-        warmup_epochs: int = 1,
-        cutmix_prob: float = 0.5,
         transmit: str = "feature_extractor",
         assistant_data: str = "pseudo",
         student_data: str = "labeled",
+        **options: Any,
     ) -> None:
-        super().__init__(model(), ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
+        super().__init__(model, ema, reweight, **options)
         if transmit not in TRANSMIT:
             raise ValueError(f"method.transmit must be one of {TRANSMIT}, got '{transmit}'")
         for key, value in (("assistant_data", assistant_data), ("student_data", student_data)):

