@@ -105,6 +105,19 @@ def run_tags(cfg: DictConfig, overrides: list[str], experiment: str | None = Non
     return tags
 
 
+def note_failed_jobs(sweep_dir: Path, summary: str, failures: list[str]) -> None:
+    """Say on the sweep's parent run that jobs failed (tag ``failed_jobs``, and the run's description in the
+    MLflow UI); it is closed FAILED when the launching process ends."""
+    parent = SweepParent.read(sweep_dir)
+    if parent is None:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(parent.tracking_uri)
+    client.set_tag(parent.run_id, "failed_jobs", summary)
+    client.set_tag(parent.run_id, "mlflow.note.content", "\n\n".join([summary, *failures]))
+
+
 def parent_for_job(sweep_dir: Path, tracking_uri: str | None) -> str | None:
     """The parent run id a job in ``sweep_dir`` nests under, if its sweep made one in the same store."""
     parent = SweepParent.read(sweep_dir)

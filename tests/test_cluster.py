@@ -1,0 +1,255 @@
+"""Sweeps on a real SLURM cluster with accounting and a real MLflow tracking server (PostgreSQL behind it), both
+started by ``scripts/cluster.sh`` (``make test`` starts and stops them). Without them these tests skip, naming
+what is missing; under CI (``CI=true``) they fail instead.
+
+Every sweep trains seconds-long runs of the tiny synthetic dataset, one CPU per job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import GTA, ROOT, environment, gta, tiny
+from mlflow import MlflowClient
+
+from gta.tracking.sweep import SweepParent
+
+pytestmark = pytest.mark.slow
+CLUSTER = ROOT / "scripts" / "cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """The variables that reach the cluster and the server, in this process's environment for the module."""
+    found = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True)
+    if found.returncode != 0:
+        why = f"needs the local SLURM cluster and MLflow server ({found.stderr.strip()})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why}: make test starts them under CI")
+        pytest.skip(why)
+    variables = dict(line.split("=", 1) for line in found.stdout.split())
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in variables.items():
+            patch.setenv(key, value)
+        yield variables
+
+
+def slurm(*extra: str) -> list[str]:
+    """launcher=slurm on the local cluster's CPU partition, one CPU per job."""
+    return ["launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=10", *extra]
+
+
+def tracked(lab, name: str) -> list[str]:
+    """Log to the tracking server, into an experiment of this test's own."""
+    return ["logger=mlflow", f"logger.tracking_uri={lab['GTA_CLUSTER_TRACKING_URI']}",
+            f"logger.experiment_name={name}-{uuid.uuid4().hex[:8]}", "trainer.snapshot_images=0"]
+
+
+def sweep(sweep_dir: Path, *overrides: str, returncode: int | None = 0) -> subprocess.CompletedProcess:
+    return gta("train", "--multirun", f"hydra.sweep.dir={sweep_dir}", *overrides, returncode=returncode)
+
+
+def start_sweep(sweep_dir: Path, *overrides: str) -> subprocess.Popen:
+    log = (sweep_dir.parent / f"{sweep_dir.name}.log").open("w")
+    return subprocess.Popen([*GTA, "train", "--multirun", f"hydra.sweep.dir={sweep_dir}", *overrides], cwd=ROOT,
+                            env=environment(), stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, sweep_dir: Path, timeout: float = 300) -> str:
+    process.wait(timeout)
+    out = (sweep_dir.parent / f"{sweep_dir.name}.log").read_text()
+    assert process.returncode == 0, out[-5000:]
+    return out
+
+
+def job_ids(sweep_dir: Path, count: int, timeout: float = 60) -> list[str]:
+    """The SLURM ids (``<array>_<index>``) of a sweep's jobs, once submitted."""
+    folder = sweep_dir / ".submitit"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ids = sorted((p.name for p in folder.glob("*_*") if p.is_dir()), key=lambda i: int(i.split("_")[1]))
+        if len(ids) == count:
+            return ids
+        time.sleep(0.5)
+    raise AssertionError(f"{count} jobs never appeared in {folder}")
+
+
+def accounting(job: str) -> list[dict[str, str]]:
+    """sacct's records of ``job`` (an array: every task), as submitit reads them."""
+    out = subprocess.run(["sacct", "-X", "-P", "-j", job, "-o", "JobID,State,Start,End,ExitCode"], check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    keys = out[0].split("|")
+    return [dict(zip(keys, line.split("|"), strict=True)) for line in out[1:]]
+
+
+def wait_for(condition, what: str, timeout: float = 120, every: float = 0.3):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := condition():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"waited {timeout} s for {what}")
+
+
+def children(lab, sweep_dir: Path):
+    parent = SweepParent.read(sweep_dir)
+    client = MlflowClient(lab["GTA_CLUSTER_TRACKING_URI"])
+    runs = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    return client, parent, runs
+
+
+def teacher(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "teacher.pt", map_location="cpu", weights_only=True)
+
+
+# --- 1. a table as one job array, nested under one parent run, reported -----------------------------------------
+def test_table_is_one_job_array_nested_under_one_parent(lab, tmp_path):
+    sweep_dir = tmp_path / "table4"
+    started = time.monotonic()
+    out = sweep(sweep_dir, "+experiment=instant/table4", "seed=0", f"dataset.root={tmp_path / 'data'}",
+                *slurm("hydra.launcher.array_parallelism=2"), *tracked(lab, "table4")).stdout
+    print(f"4 jobs, 2 at a time: {time.monotonic() - started:.0f} s")
+    ids = job_ids(sweep_dir, 4)
+    array = {i.split("_")[0] for i in ids}
+    assert len(array) == 1 and f"as SLURM array {array.pop()}" in out
+    # the last job's result is read as soon as it is written; its process ends a moment later
+    records = wait_for(lambda: [r for r in [accounting(ids[0].split("_")[0])] if {x["State"] for x in r} == {
+        "COMPLETED"}], "the array's end in sacct", timeout=60)[0]
+    assert sorted(r["JobID"] for r in records) == ids
+    # array_parallelism: never more than two tasks running at once
+    spans = [(datetime.fromisoformat(r["Start"]), datetime.fromisoformat(r["End"])) for r in records]
+    overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert overlap <= 2, spans
+
+    client, parent, runs = children(lab, sweep_dir)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
+    assert sorted(r.data.tags["row"] for r in runs) == ["gta", "gta_no_reweight", "mean_teacher", "suponly"]
+    table = gta("report", str(sweep_dir)).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "(n=1)" in line]
+    assert [line.split("|")[1].strip() for line in rows] == ["SupOnly", "MT", "GTA w/o re-weighting", "GTA-Seg"]
+
+
+# --- 4. a failing grid point fails alone; the same sweep again trains only what did not finish ------------------
+def test_a_failing_job_fails_alone_and_a_rerun_trains_only_it(lab, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = [*tiny(tmp_path / "data", iters=2, logger=None), "split=2,nosuch,4", *slurm(), *tracked(lab, "fail")]
+    failed = sweep(sweep_dir, *args, returncode=1)
+    said = failed.stdout + failed.stderr
+    assert "1 of 3 jobs failed" in said and "job 1 (split=nosuch) failed" in said, said[-3000:]
+    log = Path(said.split("its log: ")[1].split()[0])
+    assert log.is_file() and "nosuch" in log.read_text()
+    assert "Traceback" not in failed.stderr
+    finished = {job: (sweep_dir / job / "result.json").stat().st_mtime_ns for job in ("0", "2")}
+    assert not (sweep_dir / "1" / "result.json").exists()
+
+    client, parent, runs = children(lab, sweep_dir)
+    top = client.get_run(parent.run_id)
+    assert top.info.status == "FAILED" and top.data.tags["failed_jobs"] == "1 of 3 jobs failed"
+    assert sorted(r.data.tags["overrides"].split()[0] for r in runs if r.info.status == "FINISHED") == [
+        "split=2", "split=4"]
+
+    first = set(job_ids(sweep_dir, 3))
+    again = sweep(sweep_dir, *args, returncode=1)
+    assert "1 of 3 jobs failed" in again.stdout + again.stderr
+    rerun = sorted(set(job_ids(sweep_dir, 6)) - first, key=lambda i: int(i.split("_")[1]))
+    for job, mtime in finished.items():
+        assert (sweep_dir / job / "result.json").stat().st_mtime_ns == mtime  # not trained again
+        name = rerun[int(job)]
+        assert "finished before" in (sweep_dir / ".submitit" / name / f"{name}_0_log.out").read_text()
+    assert len(children(lab, sweep_dir)[2]) == len(runs)  # no new run for a skipped job
+
+
+# --- 2. preemption and requeue resume in the same run directory and MLflow run -----------------------------------
+def test_preempted_and_requeued_jobs_resume_to_the_same_teacher(lab, tmp_path):
+    """Three jobs of one grid point: one interrupted as submitit does it (SIGTERM, then SIGUSR2: checkpoint and
+    requeue), one requeued with ``scontrol requeue`` (SIGTERM alone: the trainer's own checkpoint), one left
+    alone. All three end with the same teacher, bit for bit, each in its own first MLflow run."""
+    sweep_dir = tmp_path / "sweep"
+    run = [*tiny(tmp_path / "data", iters=400, logger=None), "trainer.checkpoint_every=20", "trainer.log_every=20"]
+    process = start_sweep(sweep_dir, "report.row=interrupted,requeued,alone", *run, *slurm(),
+                          *tracked(lab, "preempt"))
+    interrupted, requeued, alone = job_ids(sweep_dir, 3)
+    for job in (0, 1):
+        wait_for(lambda job=job: (sweep_dir / str(job) / "checkpoints" / "last.pt").is_file(),
+                 f"job {job}'s first checkpoint", timeout=180)
+    from submitit.slurm.slurm import SlurmJob
+
+    signalled = time.monotonic()
+    SlurmJob(sweep_dir / ".submitit" / "%j", interrupted)._interrupt()
+    subprocess.run(["scontrol", "requeue", requeued], check=True)
+    out = finish(process, sweep_dir, timeout=400)
+    print(f"signal to the end of the sweep: {time.monotonic() - signalled:.0f} s")
+
+    reference = teacher(sweep_dir / "2")
+    for job in (0, 1):
+        log = (sweep_dir / ".submitit" / [interrupted, requeued][job] / f"{[interrupted, requeued][job]}_0_log.err")
+        resumed = [line for line in log.read_text().splitlines() if line.startswith("resuming from")]
+        assert len(resumed) == 1 and str(sweep_dir / str(job) / "checkpoints" / "last.pt") in resumed[0], out
+        after = int(resumed[0].rsplit(" ", 1)[1])
+        assert 0 < after < 400
+        state = teacher(sweep_dir / str(job))
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in reference), f"job {job}'s teacher differs"
+    client, parent, runs = children(lab, sweep_dir)
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    for job in (0, 1, 2):
+        record = json.loads((sweep_dir / str(job) / "result.json").read_text())
+        (run,) = [r for r in runs if r.info.run_id == record["run_id"]]
+        # one history in one run: every logged step once, across the requeue
+        history = client.get_metric_history(run.info.run_id, "train/student/loss_l")
+        assert sorted(m.step for m in history) == list(range(20, 401, 20))
+    assert {r["State"] for r in accounting(interrupted.split("_")[0])} == {"COMPLETED"}
+
+
+# --- 3. two tasks of one SLURM job train as torchrun's two processes do ------------------------------------------
+def test_two_task_job_matches_torchrun(lab, tmp_path):
+    run = [*tiny(tmp_path / "data", iters=6), "method.warmup_epochs=1"]
+    sweep_dir = tmp_path / "sweep"
+    sweep(sweep_dir, "seed=0", *run, *slurm("hydra.launcher.tasks_per_node=2"))
+    (job,) = job_ids(sweep_dir, 1)
+    assert (sweep_dir / ".submitit" / job / f"{job}_1_log.out").is_file()  # a second task ran
+    local = tmp_path / "torchrun"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "gta", "train",
+                    *run, "seed=0", f"hydra.run.dir={local}"], cwd=ROOT, env=environment(), check=True,
+                   capture_output=True, text=True, timeout=300)
+    on_slurm, on_torchrun = (json.loads((d / "result.json").read_text()) for d in (sweep_dir / "0", local))
+    assert on_slurm["miou"] == on_torchrun["miou"]
+    a, b = teacher(sweep_dir / "0"), teacher(local)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- 5. the tracking server dies mid-sweep and comes back: nothing is lost ----------------------------------------
+def test_server_outage_loses_no_metric(lab, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    iters = 300
+    process = start_sweep(sweep_dir, "seed=0,1", *tiny(tmp_path / "data", iters=iters, logger=None), *slurm(),
+                          *tracked(lab, "outage"), "logger.retry_interval=2", "trainer.log_every=10")
+    job_ids(sweep_dir, 2)
+    wait_for(lambda: len(children(lab, sweep_dir)[2]) == 2, "both jobs' runs", timeout=180)
+    pid_file = Path(lab["SLURM_CONF"]).parents[1] / "run" / "mlflow.pid"
+    pid = int(pid_file.read_text())
+    os.killpg(pid, signal.SIGKILL)  # the server dies without a word
+    killed = time.monotonic()
+    time.sleep(5)
+    subprocess.run([str(CLUSTER), "start"], check=True, capture_output=True, timeout=300)
+    print(f"tracking server down for {time.monotonic() - killed:.0f} s")
+    out = finish(process, sweep_dir, timeout=400)
+    assert out.count("could not log") >= 1 or list(sweep_dir.glob("*/unsent_metrics.jsonl")), out[-3000:]
+    client, _, runs = children(lab, sweep_dir)
+    assert len(runs) == 2
+    for run in runs:
+        for key in ("train/student/loss_l", "lr/student"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(10, iters + 1, 10)), (run.info.run_name, key)
+        assert client.get_metric_history(run.info.run_id, "val/miou")
