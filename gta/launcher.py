@@ -22,19 +22,24 @@ SETTINGS = {
     "cpus-per-task": "cpus_per_task", "nodes": "nodes", "qos": "qos",
 }
 #: words of sbatch's refusals that point at a setting without naming its option
-HINTS = {"generic resource": "gpus_per_node", "gpu": "gpus_per_node", "time limit": "timeout_min",
-         "memory": "mem_gb", "node configuration": "cpus_per_task, mem_gb or gpus_per_node"}
+HINTS = {"partition": "partition", "account": "account", "generic resource": "gpus_per_node",
+         "gpu": "gpus_per_node", "time limit": "timeout_min", "memory": "mem_gb",
+         "node configuration": "cpus_per_task, mem_gb or gpus_per_node"}
 
 
 class SweepFailed(CompactHydraException):
     """Hydra prints a compact exception's message alone and exits with status 1."""
 
 
+class JobFailed(RuntimeError):
+    """A job's run failed; raised in the job so that SLURM records the failure."""
+
+
 def last_line(error: BaseException) -> str:
     """The line that says what went wrong: the end of a job's traceback, or a user error's message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith("-" * 5)]
-    trace_end = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Failed|Interrupt)\b", line)]
-    return (trace_end or lines or [type(error).__name__])[-1]
+    raised = [m.group(1) for line in lines if (m := re.match(r"^[\w.]+(?:Error|Exception|Failed): (.*)", line))]
+    return (raised or lines or [type(error).__name__])[-1]
 
 
 def rejection(stderr: str, folder: str) -> str:

@@ -6,6 +6,7 @@ Every sweep trains seconds-long runs of the tiny synthetic dataset, one CPU per 
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -146,7 +147,7 @@ def test_a_failing_job_fails_alone_and_a_rerun_trains_only_it(lab, tmp_path):
     args = [*tiny(tmp_path / "data", iters=2, logger=None), "split=2,nosuch,4", *slurm(), *tracked(lab, "fail")]
     failed = sweep(sweep_dir, *args, returncode=1)
     said = failed.stdout + failed.stderr
-    assert "1 of 3 jobs failed" in said and "job 1 (split=nosuch) failed" in said, said[-3000:]
+    assert "1 of 3 jobs failed" in said and "job 1 (split=nosuch) failed: split must be" in said, said[-3000:]
     log = Path(said.split("its log: ")[1].split()[0])
     assert log.is_file() and "nosuch" in log.read_text()
     assert "Traceback" not in failed.stderr
@@ -156,6 +157,10 @@ def test_a_failing_job_fails_alone_and_a_rerun_trains_only_it(lab, tmp_path):
     client, parent, runs = children(lab, sweep_dir)
     top = client.get_run(parent.run_id)
     assert top.info.status == "FAILED" and top.data.tags["failed_jobs"] == "1 of 3 jobs failed"
+    # the runs list reads: the parent named after its grid, each job after its point
+    assert top.info.run_name == "split" and sorted(r.info.run_name for r in runs) == ["split=2", "split=4"]
+    assert {r.data.tags["mlflow.user"] for r in runs} == {getpass.getuser()} == {top.data.tags["mlflow.user"]}
+    assert {r.data.tags["mlflow.source.type"] for r in runs} == {"JOB"}
     assert sorted(r.data.tags["overrides"].split()[0] for r in runs if r.info.status == "FINISHED") == [
         "split=2", "split=4"]
 
