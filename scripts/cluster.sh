@@ -102,6 +102,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 ReturnToService=2
+# the scheduler looks for work every 2 s (30 s and 60 s by default), so that a requeued job starts again soon
+SchedulerParameters=bf_interval=2,sched_interval=2
 # seconds between the pre-kill SIGTERM and SIGKILL at a time-out, a preemption or a requeue
 KillWait=10
 AccountingStorageType=accounting_storage/slurmdbd

@@ -161,8 +161,7 @@ def test_a_failing_job_fails_alone_and_a_rerun_trains_only_it(lab, tmp_path):
     assert top.info.run_name == "split" and sorted(r.info.run_name for r in runs) == ["split=2", "split=4"]
     assert {r.data.tags["mlflow.user"] for r in runs} == {getpass.getuser()} == {top.data.tags["mlflow.user"]}
     assert {r.data.tags["mlflow.source.type"] for r in runs} == {"JOB"}
-    assert sorted(r.data.tags["overrides"].split()[0] for r in runs if r.info.status == "FINISHED") == [
-        "split=2", "split=4"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
 
     first = set(job_ids(sweep_dir, 3))
     again = sweep(sweep_dir, *args, returncode=1)
