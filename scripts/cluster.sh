@@ -172,7 +172,8 @@ start_slurm() {
   if ! alive "$DIR/run/slurmd.pid"; then
     slurmd
   fi
-  wait_for 30 "an idle node" bash -c "sinfo -h -o %t | grep -qx idle" \
+  # idle, or running jobs already (a restart while jobs run)
+  wait_for 30 "the node" bash -c "sinfo -h -o %t | grep -qxE 'idle|mix|alloc'" \
     || die "the node did not come up: $DIR/log/slurmctld.log, $DIR/log/slurmd.log"
 }
 

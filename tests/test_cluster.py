@@ -74,11 +74,12 @@ def finish(process: subprocess.Popen, sweep_dir: Path, timeout: float = 300) -> 
 
 
 def job_ids(sweep_dir: Path, count: int, timeout: float = 60) -> list[str]:
-    """The SLURM ids (``<array>_<index>``) of a sweep's jobs, once submitted."""
+    """The SLURM ids of a sweep's jobs, once submitted: ``<array>_<index>``, or the job's own for a single job."""
     folder = sweep_dir / ".submitit"
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        ids = sorted((p.name for p in folder.glob("*_*") if p.is_dir()), key=lambda i: int(i.split("_")[1]))
+        ids = sorted((p.name for p in folder.glob("[0-9]*") if p.is_dir()),
+                     key=lambda i: [int(n) for n in reversed(i.split("_"))])
         if len(ids) == count:
             return ids
         time.sleep(0.5)
@@ -175,6 +176,16 @@ def test_a_failing_job_fails_alone_and_a_rerun_trains_only_it(lab, tmp_path):
 
 
 # --- 2. preemption and requeue resume in the same run directory and MLflow run -----------------------------------
+def interrupt(job: str, log: Path) -> None:
+    """A preemption as submitit's ``SlurmJob._interrupt()`` makes it: SIGTERM, then SIGUSR2, each sent with
+    ``scancel --signal``. Sent back to back, the second was lost once in two tries (slurmstepd had marked the step
+    cancelled), so each is sent once the job's log says the one before arrived."""
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    wait_for(lambda: "Bypassing signal SIGTERM" in log.read_text(), "SIGTERM to reach the job", timeout=30)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for(lambda: "Caught signal SIGUSR2" in log.read_text(), "SIGUSR2 to reach the job", timeout=30)
+
+
 ITERS, EVERY = 60, 10
 
 
@@ -191,11 +202,9 @@ def test_preempted_and_requeued_jobs_resume_to_the_same_teacher(lab, tmp_path):
     for job in (0, 1):
         wait_for(lambda job=job: (sweep_dir / str(job) / "checkpoints" / "last.pt").is_file(),
                  f"job {job}'s first checkpoint", timeout=180)
-    from submitit.slurm.slurm import SlurmJob
-
     signalled = time.monotonic()
-    SlurmJob(sweep_dir / ".submitit" / "%j", interrupted)._interrupt()
     subprocess.run(["scontrol", "requeue", requeued], check=True)
+    interrupt(interrupted, sweep_dir / ".submitit" / interrupted / f"{interrupted}_0_log.out")
     finish(process, sweep_dir)
     print(f"signal to the end of the sweep: {time.monotonic() - signalled:.0f} s")
 
