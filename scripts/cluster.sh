@@ -199,17 +199,28 @@ start_postgres() {
 
 tracking_uri() { echo "http://127.0.0.1:$MLFLOW_PORT"; }
 
+healthy() {  # the tracking server answers (curl may be missing on a fresh machine; python3 is not)
+  python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/health", timeout=2)' \
+    "$(tracking_uri)" 2>/dev/null
+}
+
 start_mlflow() {
   alive "$DIR/run/mlflow.pid" && return
   [[ -x $VENV/bin/mlflow ]] || die "no $VENV/bin/mlflow: run make setup first"
   "$VENV/bin/python" -c "import psycopg2" 2>/dev/null \
     || die "psycopg2 is missing from $VENV (pip install -e '.[dev]')"
+  local t0=$SECONDS
   # its own process group, so that stopping it also stops the web server's worker processes
   setsid "$VENV/bin/mlflow" server --backend-store-uri "postgresql+psycopg2://postgres@127.0.0.1:$PG_PORT/mlflow" \
-    --artifacts-destination "$DIR/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 2 \
+    --artifacts-destination "$DIR/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     </dev/null >>"$DIR/log/mlflow.log" 2>&1 &
   echo $! >"$DIR/run/mlflow.pid"
-  wait_for 120 "the tracking server" bash -c "curl -sf $(tracking_uri)/health || ! kill -0 $!" && alive "$DIR/run/mlflow.pid" \
+  local pid=$!
+  until healthy; do  # MLflow creates its tables at the first start
+    kill -0 "$pid" 2>/dev/null && ((SECONDS - t0 < 180)) || break
+    sleep 0.5
+  done
+  healthy \
     || die "the MLflow server did not answer at $(tracking_uri): $DIR/log/mlflow.log"
 }
 
@@ -263,9 +274,12 @@ start)
   ports
   write_configs
   export SLURM_CONF=$DIR/etc/slurm.conf
-  start_munge; start_mariadb; start_slurmdbd; start_slurm
-  start_postgres; start_mlflow
-  say "up in $((SECONDS - start)) s under $DIR; for the tests and sbatch/squeue/sacct, export:"
+  took=()
+  for part in munge mariadb slurmdbd slurm postgres mlflow; do
+    t=$SECONDS; "start_$part"; took+=("$part $((SECONDS - t)) s")
+  done
+  say "up in $((SECONDS - start)) s ($(IFS=,; echo "${took[*]}" | sed 's/,/, /g')) under $DIR"
+  say "for sbatch, squeue, sacct and the tests, export:"
   print_env | sed 's/^/export /'
   ;;
 env)
@@ -282,7 +296,7 @@ status)
     if alive "$DIR/run/$d.pid"; then echo "$d running ($(head -1 "$DIR/run/$d.pid"))"; else echo "$d stopped"; fi
   done
   sinfo 2>&1 || true
-  curl -sf "$(tracking_uri)/health" >/dev/null && echo "MLflow at $(tracking_uri): OK" || echo "MLflow: no answer"
+  if healthy; then echo "MLflow at $(tracking_uri): OK"; else echo "MLflow: no answer"; fi
   ;;
 stop)
   stop_all
