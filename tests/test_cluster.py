@@ -270,11 +270,16 @@ def test_two_task_job_matches_torchrun(lab, tmp_path):
 # --- 5. the tracking server dies mid-sweep and comes back: nothing is lost ----------------------------------------
 def test_server_outage_loses_no_metric(lab, tmp_path, start_sweep):
     sweep_dir = tmp_path / "sweep"
-    iters = 200  # longer than the start of a job and the outage together
+    iters = 300  # training outlasts the outage
     process = start_sweep(sweep_dir, "seed=0,1", *tiny(tmp_path / "data", iters=iters, logger=None), *slurm(),
                           *tracked(lab, "outage"), "logger.retry_interval=2", "trainer.log_every=10")
     job_ids(sweep_dir, 2)
-    wait_for(lambda: len(children(lab, sweep_dir)[2]) == 2, "both jobs' runs", timeout=180)
+
+    def training():  # both runs exist and log their losses: the outage falls on training, not on start-up
+        client, _, runs = children(lab, sweep_dir)
+        return len(runs) == 2 and all(client.get_metric_history(r.info.run_id, "lr/student") for r in runs)
+
+    wait_for(training, "both jobs to train", timeout=180, every=1)
     pid_file = Path(lab["SLURM_CONF"]).parents[1] / "run" / "mlflow.pid"
     pid = int(pid_file.read_text())
     os.killpg(pid, signal.SIGKILL)  # the server dies without a word
