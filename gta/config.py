@@ -38,6 +38,8 @@ class MLflowConfig:
     run_id: str | None = None
     #: nest the run under this one (null: under the sweep's parent run in a --multirun, else top level)
     parent_run_id: str | None = None
+    #: seconds between attempts to send metrics while the store does not answer (each attempt holds training up)
+    retry_interval: float = 30.0
 
 
 # --- engine ----------------------------------------------------------------------------------------
@@ -197,6 +199,8 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("gta_root"):
         # where data/ lies unless $GTA_DATA says otherwise: the directory the command runs in, as for outputs/
         OmegaConf.register_new_resolver("gta_root", os.getcwd)
+    if not OmegaConf.has_resolver("gta_max"):  # conf/launcher/slurm.yaml: one task per GPU, at least one
+        OmegaConf.register_new_resolver("gta_max", lambda *values: max(int(v or 0) for v in values))
     # here: the engine reads this module's configs without Hydra, the methods, the networks or the data
     from hydra.core.config_store import ConfigStore
 

@@ -155,6 +155,11 @@ class Method(nn.Module, ABC):
     def evaluated_models(self) -> dict[str, nn.Module]:
         """The models evaluated on the validation set, by name (``val/<name>/miou``)."""
 
+    def reported_at(self, progress: Progress) -> str:
+        """The model whose mIoU is the result after ``progress.iteration`` iterations: ``reported``, unless
+        that model is not yet worth reporting (a teacher that is still a copy of the untrained network)."""
+        return self.reported
+
     def scheduled(self, name: str) -> bool:
         """Whether the learning-rate schedule applies to model ``name``'s optimiser."""
         return True

@@ -402,7 +402,8 @@ def report(source: str, out_dir: str | Path | None = None, tracking_uri: str | N
     text = markdown(layout, rows, columns, table)
     if out_dir is None and found.sweep_dir is not None and found.sweep_dir.is_dir():
         out_dir = found.sweep_dir / "report"
-    out = Path(out_dir or Path("reports") / found.name.replace("/", "_"))
+    # a run's name ("table4: variant × seed") as a directory name: letters, digits, . = - _
+    out = Path(out_dir or Path("reports") / re.sub(r"[^\w.=-]+", "_", found.name))
     out.mkdir(parents=True, exist_ok=True)
     md = out / "table.md"
     md.write_text(text)

@@ -30,7 +30,16 @@ from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import Trainer
 from gta.errors import MissingPathError
 from gta.tracking import Logger, NullLogger, flatten_config
-from gta.tracking.sweep import SweepParent, parent_for_job, run_tags, sweep_dir_of_job, sweep_tags, uses_mlflow
+from gta.tracking.sweep import (
+    SweepParent,
+    grid_keys,
+    grid_point,
+    parent_for_job,
+    run_tags,
+    sweep_dir_of_job,
+    sweep_tags,
+    uses_mlflow,
+)
 
 
 def network_factory(node: DictConfig) -> Callable[[], nn.Module]:
@@ -172,6 +181,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         loaders.val, instantiate(cfg.eval), source.num_classes, source.ignore_index, list(source.class_names)
     )
     name = f"{type(method).__name__}-{type(source).__name__}-split{cfg.split}-seed{cfg.seed}"
+    sweep = SweepParent.read(sweep_dir_of_job()) if sweep_dir_of_job() is not None else None
+    if sweep is not None and sweep.grid:  # in a sweep's run list, what tells the runs apart comes first
+        name = grid_point(overrides, list(sweep.grid))
     logger = open_logger(cfg, dist, run_dir, name, state)
     try:
         if dist.is_main:
@@ -201,9 +213,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         logger.close("FAILED")
         raise
     logger.close()
-    reported = result.miou[method.reported]
+    reported = result.miou[trainer.reported]
     if dist.is_main:
-        record = {"value": reported, "reported": method.reported, "miou": result.miou, "overrides": overrides,
+        record = {"value": reported, "reported": trainer.reported, "miou": result.miou, "overrides": overrides,
                   "run_id": logger.run_id, "network": network_name(cfg), "labeled": len(split.labeled),
                   "iterations": trainer.total_iters, "wall_time_s": round(trainer.wall_time, 1)}
         (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -224,9 +236,9 @@ def summary(trainer: Trainer, source, split, logger: Logger) -> str:
         f"{trainer.device}"
     ]
     for model_name, value in result.miou.items():
-        marker = "  <- reported" if model_name == method.reported else ""
+        marker = "  <- reported" if model_name == trainer.reported else ""
         lines.append(f"  val mIoU {model_name:<9} {value:7.2%}{marker}  (last, step {result.step})")
-    lines.append(f"  best     {method.reported:<9} {best['miou']:7.2%}  (step {best['step']})")
+    lines.append(f"  best     {trainer.reported:<9} {best['miou']:7.2%}  (step {best['step']})")
     lines.append(f"  wall time {trainer.wall_time:.0f} s")
     if trainer.bad_samples.files:
         lines.append(f"  skipped    {len(trainer.bad_samples.files)} unusable sample files, listed in "
@@ -290,6 +302,7 @@ class SweepParentRun(Callback):
         uri = resolve_tracking_uri(config.logger.tracking_uri)
         previous = SweepParent.read(sweep_dir)
         overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        grid = grid_keys(config)
         if previous is not None and previous.tracking_uri == uri:
             # The same sweep again (resuming): its jobs join the runs already under this parent.
             logger = MLflowLogger(uri, run_id=previous.run_id, fallback_dir=sweep_dir)
@@ -297,11 +310,13 @@ class SweepParentRun(Callback):
             table = OmegaConf.select(config, "report.table")
             experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment")
             tags = sweep_tags(config, overrides, experiment) | {"sweep_dir": str(sweep_dir)}
+            # named after its grid: "table4: variant × seed"
+            name = " × ".join(grid) or "sweep"
             logger = MLflowLogger(
                 uri, experiment_name=config.logger.experiment_name, fallback_dir=sweep_dir,
-                run_name=f"{table or 'sweep'} {sweep_dir.name}", tags=tags,
+                run_name=f"{table}: {name}" if table else name, tags=tags,
             )
-        SweepParent(logger.tracking_uri, logger.experiment_id, logger.run_id).write(sweep_dir)
+        SweepParent(logger.tracking_uri, logger.experiment_id, logger.run_id, tuple(grid)).write(sweep_dir)
         self._parent = logger
         atexit.register(self._close, "FAILED")
         print(f"[sweep] parent {logger.location}")

@@ -140,3 +140,23 @@ def test_gta_reference_with_every_switch_off_trains_like_gta():
         torch.manual_seed(it)
         reference.training_step(task(it), progress, update_reference)
     assert states_equal(paper, reference)
+
+
+def test_val_miou_reports_the_student_until_the_hand_over(source, tmp_path):
+    """Until the hand-over the teacher is a copy of the untrained network: ``val/miou`` is the student's (the
+    model that learns), then the teacher's. Warm-up: 1 epoch of 2 iterations; the hand-over is iteration 3."""
+    from helpers import Recorder, make_trainer
+
+    logger = Recorder()
+    trainer = make_trainer(source, tmp_path, logger, eval_every=1, iters=4)
+    assert [trainer.method.reported_at(Progress(step, 2)) for step in range(5)] == [
+        "student", "student", "student", "teacher", "teacher"]
+    trainer.fit()
+    evaluated = {step: m for step, m in logger.metrics.items() if "val/miou" in m}
+    assert sorted(evaluated) == [1, 2, 3, 4]
+    for step in (1, 2):
+        assert evaluated[step]["val/miou"] == evaluated[step]["val/student/miou"]
+        assert "val/teacher/miou" not in evaluated[step]  # eval.models=reported: the student alone
+    for step in (3, 4):
+        assert evaluated[step]["val/miou"] == evaluated[step]["val/teacher/miou"]
+    assert trainer.reported == "teacher" and trainer.save_reported_model().name == "teacher.pt"

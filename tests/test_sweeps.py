@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 
 import pytest
 import submitit.slurm.slurm as submitit_slurm
@@ -18,13 +19,14 @@ from hydra.types import HydraContext
 from mlflow import MlflowClient
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
 
+from gta.launcher import quiet_status_polls, rejection
 from gta.report import report
 from gta.tracking.sweep import PARENT_FILE, SweepParent
 
 LAUNCHERS = {
     "basic": "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
     "local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
-    "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    "slurm": "hydra_plugins.gta_launcher.SlurmLauncher",
 }
 
 
@@ -33,7 +35,7 @@ def compose_with_hydra(overrides: list[str]):
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_launcher_group_picks_the_hydra_launcher(hydra_conf, launcher):
+def test_launcher_group_picks_the_launcher(hydra_conf, launcher):
     cfg = compose_with_hydra([f"launcher={launcher}"])
     assert cfg.hydra.launcher._target_ == LAUNCHERS[launcher]
     assert cfg.hydra.runtime.choices["hydra/launcher"] == {"basic": "basic", "local": "submitit_local",
@@ -51,8 +53,8 @@ class Submitted(Exception):
     pass
 
 
-def test_slurm_sweep_is_one_job_array(hydra_conf, tmp_path, monkeypatch):
-    """`--multirun ema.alpha=0.99,0.999 launcher=slurm` writes one sbatch array script (sbatch not run)."""
+def sbatch_script(tmp_path, monkeypatch, *overrides: str) -> tuple[str, object]:
+    """The sbatch script ``--multirun ema.alpha=0.99,0.999 launcher=slurm *overrides`` submits (sbatch not run)."""
     scripts = []
 
     def capture(self, command):
@@ -61,25 +63,56 @@ def test_slurm_sweep_is_one_job_array(hydra_conf, tmp_path, monkeypatch):
 
     monkeypatch.setattr(submitit_slurm.SlurmExecutor, "_submit_command", capture)
     monkeypatch.setattr(submitit_slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
-    cfg = compose_with_hydra([
-        "launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=seg",
-        "hydra.launcher.gpus_per_node=4", "hydra.launcher.array_parallelism=1", f"hydra.sweep.dir={tmp_path}",
-    ])
+    cfg = compose_with_hydra(["launcher=slurm", f"hydra.sweep.dir={tmp_path}", *overrides])
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # restored after the test
     HydraConfig.instance().set_config(cfg)
     context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks())
     launcher = Plugins.instance().instantiate_launcher(hydra_context=context, task_function=_task, config=cfg)
     with pytest.raises(Submitted):
         launcher.launch([["ema.alpha=0.99"], ["ema.alpha=0.999"]], initial_job_idx=0)
-
     (script,) = scripts
+    return script, launcher
+
+
+def test_slurm_sweep_is_one_job_array(hydra_conf, tmp_path, monkeypatch):
+    """`--multirun ema.alpha=0.99,0.999 launcher=slurm` writes one sbatch array script, one task per GPU."""
+    script, launcher = sbatch_script(
+        tmp_path, monkeypatch, "hydra.launcher.partition=gpu", "hydra.launcher.account=seg",
+        "hydra.launcher.gpus_per_node=4", "hydra.launcher.array_parallelism=1")
     lines = set(script.splitlines())
     flags = ["--array=0-1%1", "--partition=gpu", "--account=seg", "--gpus-per-node=4", "--ntasks-per-node=4",
-             "--cpus-per-task=8", "--mem=64GB", "--time=1440", "--signal=USR2@120"]
+             "--cpus-per-task=8", "--mem=64GB", "--time=1440", "--signal=USR2@300"]
     for flag in flags:
         assert f"#SBATCH {flag}" in lines, f"{flag} missing from\n{script}"
     assert "export OMP_NUM_THREADS=8" in lines
     assert launcher.params["max_num_timeout"] > 0  # requeued on timeout
+
+
+def test_cpu_partition_gets_one_task_per_node(hydra_conf, tmp_path, monkeypatch):
+    script, _ = sbatch_script(tmp_path, monkeypatch, "hydra.launcher.gpus_per_node=0")
+    assert "#SBATCH --ntasks-per-node=1" in script.splitlines()
+
+
+def test_a_refused_submission_names_sbatch_error_and_setting():
+    said = rejection('sbatch: error: Invalid numeric value "0" for --ntasks-per-node.\n', "/s/.submitit/%j")
+    assert said.splitlines()[0] == 'sbatch refused the sweep\'s job array: Invalid numeric value "0" for ' \
+        '--ntasks-per-node.'
+    assert "hydra.launcher.tasks_per_node=" in said and "/s/.submitit/" in said and "%j" not in said
+    assert "hydra.launcher.partition=" in rejection("sbatch: error: invalid partition specified: gpu", "/s")
+    assert "hydra.launcher.gpus_per_node=" in rejection(
+        "sbatch: error: Invalid generic resource (gres) specification", "/s")
+
+
+def test_status_poll_warnings_show_once(caplog):
+    """submitit numbers its sacct polls; the same trouble is shown once, whatever the poll's number."""
+    quiet_status_polls()
+    log = logging.getLogger("submitit")
+    with caplog.at_level(logging.WARNING, logger="submitit"):
+        for call in range(1, 6):
+            log.warning(f"Call #{call} - Bypassing sacct error Command 'sacct' returned 1, status may be inaccurate.")
+        log.warning("Call #6 - Bypassing sacct error something else")
+    assert len(caplog.records) == 2
+    assert "Call #" not in caplog.records[0].getMessage()
 
 
 GRID = ["ema.alpha=0.9,0.99", "method.warmup_epochs=0,1"]

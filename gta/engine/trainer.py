@@ -62,7 +62,7 @@ class Trainer:
         self.total_iters = config.iters if config.iters is not None else config.epochs * loaders.iters_per_epoch
         if self.total_iters <= 0:
             raise ConfigError(f"nothing to train: trainer.iters={config.iters}, trainer.epochs={config.epochs}")
-        self.eval_models = validation.protocol.select(method.evaluated_models(), method.reported)  # fails early
+        validation.protocol.select(method.evaluated_models(), method.reported)  # a bad eval.models fails here
         self.models = models_of(method)
         prepared = prepare(method, config, self.dist)
         self.memory_format, self.data_parallel = prepared.memory_format, prepared.data_parallel
@@ -81,6 +81,7 @@ class Trainer:
         self.start_iter = 0  # iterations already done (after resume)
         self.iteration = 0  # the iteration running (1-based)
         self.best: dict | None = None  # {"step", "miou"} of the best evaluation of the reported model
+        self.reported = method.reported  # the model reported at the latest evaluation (Method.reported_at)
         self.saved: tuple[Path, int] | None = None  # the last checkpoint written and its iteration
         self.history: list[EvalResult] = []
         self.losses = LossSums()
@@ -108,7 +109,7 @@ class Trainer:
                 if _every(step, self.config.eval_every, self.total_iters):
                     result = self.evaluate(step)
                     report.write(f"step {step}: " + ", ".join(f"{n} mIoU {v:.2%}" for n, v in result.miou.items()))
-                    report.set({"mIoU": 100 * result.miou[self.method.reported]}, ".1f")
+                    report.set({"mIoU": 100 * result.miou[self.reported]}, ".1f")
                     self._keep_if_best(result)
                     self.method.train()
                 report.advance(step)
@@ -186,23 +187,25 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, step: int) -> EvalResult:
         self.guard.check(step, self.saved)
+        self.reported = self.method.reported_at(Progress(step, self.loaders.iters_per_epoch))
+        models = self.validation.protocol.select(self.method.evaluated_models(), self.reported)
         with self.precision.autocast():
-            result = self.validation.run(self.eval_models, step, self.device)
+            result = self.validation.run(models, step, self.device)
         self.history.append(result)
-        reported = result.miou[self.method.reported]
+        reported = result.miou[self.reported]
         best = max(reported, self.best["miou"] if self.best else float("-inf"))
         metrics = {"val/miou": reported, "val/best_miou": best} | self.validation.metrics(result)
         self.logger.log_metrics(metrics, step=step)
         self.bad_samples.record(self.loaders.bad_samples.take(), step, self.logger)
         if self.snapshots is not None:
             self.snapshots.log(
-                self.logger, step, self.eval_models, result.iou, result.confusion, self.method, self._batch,
+                self.logger, step, models, result.iou, result.confusion, self.method, self._batch,
                 self.device,
             )
         return result
 
     def _keep_if_best(self, result: EvalResult) -> None:
-        miou = result.miou[self.method.reported]
+        miou = result.miou[self.reported]
         if self.best is None or miou > self.best["miou"]:
             self.best = {"step": result.step, "miou": miou}
             state = self.state_dict(result.step)
@@ -247,7 +250,7 @@ class Trainer:
 
     def save_reported_model(self) -> Path:
         """The final weights of the model the method reports (the teacher for GTA-Seg and Mean Teacher)."""
-        name = self.method.reported
+        name = self.reported
         path = self.run_dir / f"{name}.pt"
         torch.save(self.models[name].state_dict(), path)
         return path

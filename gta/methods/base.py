@@ -66,6 +66,11 @@ class SelfTraining(Method):
         """k: iterations since the hand-over (negative during the warm-up)."""
         return progress.iteration - self.warmup_epochs * progress.iters_per_epoch
 
+    def reported_at(self, progress: Progress) -> str:
+        # Until the hand-over the followers are copies of the untrained network: the student is the model
+        # that learns, as the released code reports it during its warm-up.
+        return self.reported if self.since_hand_over(progress) > 0 else "student"
+
     def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:
         k = self.since_hand_over(progress)
         if k < 0:

@@ -41,6 +41,8 @@ _SQLITE_PREFIX = "sqlite:///"
 #: tag prefix under which a param that changed value on resume is recorded (params are immutable)
 CHANGED_PARAM_TAG_PREFIX = "changed_param."
 UNSENT_METRICS_FILE = "unsent_metrics.jsonl"
+#: MLflow's experiment tag that tells its UI what the experiment holds
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def default_tracking_uri() -> str:
@@ -173,7 +175,9 @@ class MLflowLogger(Logger):
         experiment = self._client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return self._client.create_experiment(name, artifact_location=artifact_location)
+                # the UI opens such an experiment on its runs, not on the GenAI traces page
+                return self._client.create_experiment(name, artifact_location=artifact_location,
+                                                      tags={EXPERIMENT_KIND: "custom_model_development"})
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise

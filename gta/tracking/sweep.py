@@ -13,6 +13,7 @@ Nothing here imports MLflow at module level: the callback is built for every run
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -25,8 +26,9 @@ from gta.errors import DataError
 
 PARENT_FILE = "mlflow_parent.json"
 MLFLOW_LOGGER = "gta.tracking.mlflow.MLflowLogger"
-#: MLflow's own tag for the source commit (shown in its UI)
+#: MLflow's own tags for the source commit, the source, its type and the user (shown in its UI)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+SOURCE_NAME, SOURCE_TYPE, USER = "mlflow.source.name", "mlflow.source.type", "mlflow.user"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class SweepParent:
     tracking_uri: str
     experiment_id: str
     run_id: str
+    #: the keys the sweep's grid varies (``grid_keys``), which name its jobs' runs
+    grid: tuple[str, ...] = ()
 
     def write(self, sweep_dir: Path) -> Path:
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +55,8 @@ class SweepParent:
         if not path.is_file():
             return None
         try:
-            return cls(**json.loads(path.read_text()))
+            record = json.loads(path.read_text())
+            return cls(**record | {"grid": tuple(record.get("grid", ()))})
         except (TypeError, ValueError) as e:
             raise DataError(f"{path} is not a sweep's MLflow parent record ({e}); delete it to start anew") \
                 from e
@@ -84,7 +89,9 @@ def uses_mlflow(cfg: DictConfig) -> bool:
 def sweep_tags(cfg: DictConfig, overrides: list[str], experiment: str | None = None) -> dict[str, str]:
     """What a sweep's parent and its jobs share: experiment file, table, overrides and commit."""
     commit = git_commit()
-    tags = {"overrides": " ".join(overrides), "git_commit": commit}
+    tags = {"overrides": " ".join(overrides), "git_commit": commit, SOURCE_NAME: "gta train",
+            # the UI's Source and User columns
+            SOURCE_TYPE: "JOB" if "SLURM_JOB_ID" in os.environ else "LOCAL", USER: getpass.getuser()}
     tags[GIT_COMMIT_TAG] = commit.removesuffix("-dirty")
     if experiment:
         tags["experiment"] = experiment
@@ -103,6 +110,40 @@ def run_tags(cfg: DictConfig, overrides: list[str], experiment: str | None = Non
         if value is not None:
             tags[key] = str(value)
     return tags
+
+
+def grid_keys(config: DictConfig) -> list[str]:
+    """The keys a ``--multirun`` varies, in the sweeper's order: the grid of the experiment file
+    (``hydra.sweeper.params``) with the command line's sweeps (``a,b``, ``range(...)``), where a plain
+    command-line value narrows the file's grid to one point."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    given = [f"{key}={value}" for key, value in params.items()]
+    given += OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    sweeps: dict[str, bool] = {}
+    for override in OverridesParser.create().parse_overrides(given):
+        sweeps[override.key_or_group] = override.is_sweep_override()
+    return [key for key, varies in sweeps.items() if varies]
+
+
+def grid_point(overrides: list[str], keys: list[str]) -> str:
+    """``key=value`` of each of ``keys`` in one job's overrides: what tells this job from the others."""
+    values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    return " ".join(f"{key}={values[key]}" for key in keys if key in values)
+
+
+def note_failed_jobs(sweep_dir: Path, summary: str, failures: list[str]) -> None:
+    """Say on the sweep's parent run that jobs failed (tag ``failed_jobs``, and the run's description in the
+    MLflow UI); it is closed FAILED when the launching process ends."""
+    parent = SweepParent.read(sweep_dir)
+    if parent is None:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(parent.tracking_uri)
+    client.set_tag(parent.run_id, "failed_jobs", summary)
+    client.set_tag(parent.run_id, "mlflow.note.content", "\n\n".join([summary, *failures]))
 
 
 def parent_for_job(sweep_dir: Path, tracking_uri: str | None) -> str | None:

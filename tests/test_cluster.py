@@ -1,0 +1,300 @@
+"""Sweeps on a real SLURM cluster with accounting and a real MLflow tracking server (PostgreSQL behind it), both
+started by ``scripts/cluster.sh`` (``make test`` starts and stops them). Without them these tests skip, naming
+what is missing; under CI (``CI=true``) they fail instead.
+
+Every sweep trains seconds-long runs of the tiny synthetic dataset, one CPU per job."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import GTA, ROOT, environment, gta, tiny
+from mlflow import MlflowClient
+
+from gta.tracking.sweep import SweepParent
+
+pytestmark = pytest.mark.slow
+CLUSTER = ROOT / "scripts" / "cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """The variables that reach the cluster and the server, in this process's environment for the module."""
+    found = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True)
+    if found.returncode != 0:
+        why = f"needs the local SLURM cluster and MLflow server ({found.stderr.strip()})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why}: make test starts them under CI")
+        pytest.skip(why)
+    variables = dict(line.split("=", 1) for line in found.stdout.split())
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in variables.items():
+            patch.setenv(key, value)
+        yield variables
+
+
+def slurm(*extra: str) -> list[str]:
+    """launcher=slurm on the local cluster's CPU partition, one CPU per job."""
+    return ["launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=10", *extra]
+
+
+def tracked(lab, name: str) -> list[str]:
+    """Log to the tracking server, into an experiment of this test's own."""
+    return ["logger=mlflow", f"logger.tracking_uri={lab['GTA_CLUSTER_TRACKING_URI']}",
+            f"logger.experiment_name={name}-{uuid.uuid4().hex[:8]}", "trainer.snapshot_images=0"]
+
+
+def sweep(sweep_dir: Path, *overrides: str, returncode: int | None = 0) -> subprocess.CompletedProcess:
+    return gta("train", "--multirun", f"hydra.sweep.dir={sweep_dir}", *overrides, returncode=returncode)
+
+
+@pytest.fixture
+def start_sweep():
+    """Starts a sweep in the background (its output in ``<sweep dir>.log``); a sweep still running when the
+    test ends is stopped, its jobs cancelled."""
+    started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(sweep_dir: Path, *overrides: str) -> subprocess.Popen:
+        log = (sweep_dir.parent / f"{sweep_dir.name}.log").open("w")
+        process = subprocess.Popen([*GTA, "train", "--multirun", f"hydra.sweep.dir={sweep_dir}", *overrides],
+                                   cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT, text=True)
+        started.append((process, sweep_dir))
+        return process
+
+    yield start
+    for process, sweep_dir in started:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
+            arrays = {job.split("_")[0] for job in job_ids(sweep_dir, None, timeout=0)}
+            subprocess.run(["scancel", *arrays], check=False)
+
+
+def finish(process: subprocess.Popen, sweep_dir: Path, timeout: float = 300) -> str:
+    process.wait(timeout)
+    out = (sweep_dir.parent / f"{sweep_dir.name}.log").read_text()
+    assert process.returncode == 0, out[-5000:]
+    return out
+
+
+def job_ids(sweep_dir: Path, count: int | None, timeout: float = 60) -> list[str]:
+    """The SLURM ids of a sweep's ``count`` jobs (None: those there now), once submitted: ``<array>_<index>``, or
+    the job's own for a single job."""
+    folder = sweep_dir / ".submitit"
+    end = time.monotonic() + timeout
+    while True:
+        ids = sorted((p.parent.name for p in folder.glob("*/*_submitted.pkl")),
+                     key=lambda i: [int(n) for n in reversed(i.split("_"))])
+        if count is None or len(ids) == count:
+            return ids
+        if time.monotonic() > end:
+            raise AssertionError(f"{count} jobs never appeared in {folder}: {ids}")
+        time.sleep(0.5)
+
+
+def accounting(job: str) -> list[dict[str, str]]:
+    """sacct's records of ``job`` (an array: every task), as submitit reads them."""
+    out = subprocess.run(["sacct", "-X", "-P", "-j", job, "-o", "JobID,State,Submit,Start,End,ExitCode"], check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    keys = out[0].split("|")
+    return [dict(zip(keys, line.split("|"), strict=True)) for line in out[1:]]
+
+
+def wait_for(condition, what: str, timeout: float = 120, every: float = 0.3):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := condition():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"waited {timeout} s for {what}")
+
+
+def children(lab, sweep_dir: Path):
+    parent = SweepParent.read(sweep_dir)
+    client = MlflowClient(lab["GTA_CLUSTER_TRACKING_URI"])
+    runs = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    return client, parent, runs
+
+
+def teacher(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "teacher.pt", map_location="cpu", weights_only=True)
+
+
+# --- 1. a table as one job array, nested under one parent run, reported -----------------------------------------
+def test_table_is_one_job_array_nested_under_one_parent(lab, tmp_path):
+    sweep_dir = tmp_path / "table4"
+    started = time.monotonic()
+    out = sweep(sweep_dir, "+experiment=instant/table4", "seed=0", f"dataset.root={tmp_path / 'data'}",
+                *slurm("hydra.launcher.array_parallelism=2"), *tracked(lab, "table4")).stdout
+    ids = job_ids(sweep_dir, 4)
+    array = {i.split("_")[0] for i in ids}
+    assert len(array) == 1 and f"as SLURM array {array.pop()}" in out
+    # the last job's result is read as soon as it is written; its process ends a moment later
+    records = wait_for(lambda: [r for r in [accounting(ids[0].split("_")[0])] if {x["State"] for x in r} == {
+        "COMPLETED"}], "the array's end in sacct", timeout=60)[0]
+    assert sorted(r["JobID"] for r in records) == ids
+    first = min(datetime.fromisoformat(r["Start"]) for r in records) - min(
+        datetime.fromisoformat(r["Submit"]) for r in records)
+    print(f"4 jobs, 2 at a time: {time.monotonic() - started:.0f} s from the command to its end; "
+          f"submission to the first start {first.total_seconds():.0f} s")
+    # array_parallelism: never more than two tasks running at once
+    spans = [(datetime.fromisoformat(r["Start"]), datetime.fromisoformat(r["End"])) for r in records]
+    overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert overlap <= 2, spans
+
+    client, parent, runs = children(lab, sweep_dir)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
+    assert sorted(r.data.tags["row"] for r in runs) == ["gta", "gta_no_reweight", "mean_teacher", "suponly"]
+    table = gta("report", str(sweep_dir)).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "(n=1)" in line]
+    assert [line.split("|")[1].strip() for line in rows] == ["SupOnly", "MT", "GTA w/o re-weighting", "GTA-Seg"]
+
+
+# --- 4. a failing grid point fails alone; the same sweep again trains only what did not finish ------------------
+def test_a_failing_job_fails_alone_and_a_rerun_trains_only_it(lab, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = [*tiny(tmp_path / "data", iters=2, logger=None), "split=2,nosuch,4", *slurm(), *tracked(lab, "fail")]
+    failed = sweep(sweep_dir, *args, returncode=1)
+    said = failed.stdout + failed.stderr
+    assert "1 of 3 jobs failed" in said and "job 1 (split=nosuch) failed: split must be" in said, said[-3000:]
+    log = Path(said.split("its log: ")[1].split()[0])
+    assert log.is_file() and "nosuch" in log.read_text()
+    assert "Traceback" not in failed.stderr
+    finished = {job: (sweep_dir / job / "result.json").stat().st_mtime_ns for job in ("0", "2")}
+    assert not (sweep_dir / "1" / "result.json").exists()
+
+    client, parent, runs = children(lab, sweep_dir)
+    top = client.get_run(parent.run_id)
+    assert top.info.status == "FAILED" and top.data.tags["failed_jobs"] == "1 of 3 jobs failed"
+    # the runs list reads: the parent named after its grid, each job after its point
+    assert top.info.run_name == "split" and sorted(r.info.run_name for r in runs) == ["split=2", "split=4"]
+    assert {r.data.tags["mlflow.user"] for r in runs} == {getpass.getuser()} == {top.data.tags["mlflow.user"]}
+    assert {r.data.tags["mlflow.source.type"] for r in runs} == {"JOB"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+    first = set(job_ids(sweep_dir, 3))
+    again = sweep(sweep_dir, *args, returncode=1)
+    assert "1 of 3 jobs failed" in again.stdout + again.stderr
+    rerun = sorted(set(job_ids(sweep_dir, 6)) - first, key=lambda i: int(i.split("_")[1]))
+    for job, mtime in finished.items():
+        assert (sweep_dir / job / "result.json").stat().st_mtime_ns == mtime  # not trained again
+        name = rerun[int(job)]
+        assert "finished before" in (sweep_dir / ".submitit" / name / f"{name}_0_log.out").read_text()
+    assert len(children(lab, sweep_dir)[2]) == len(runs)  # no new run for a skipped job
+
+
+# --- 2. preemption and requeue resume in the same run directory and MLflow run -----------------------------------
+def interrupt(job: str, log: Path) -> None:
+    """A preemption as submitit's ``SlurmJob._interrupt()`` makes it: SIGTERM, then SIGUSR2, each sent with
+    ``scancel --signal``. Sent back to back, the second was lost once in two tries (slurmstepd had marked the step
+    cancelled), so each is sent once the job's log says the one before arrived."""
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    wait_for(lambda: "Bypassing signal SIGTERM" in log.read_text(), "SIGTERM to reach the job", timeout=30)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for(lambda: "Caught signal SIGUSR2" in log.read_text(), "SIGUSR2 to reach the job", timeout=30)
+
+
+ITERS, EVERY = 60, 10
+
+
+def test_preempted_and_requeued_jobs_resume_to_the_same_teacher(lab, tmp_path, start_sweep):
+    """Three jobs of one grid point: one interrupted as submitit does it (SIGTERM, then SIGUSR2: checkpoint and
+    requeue; with a limit under 10 minutes submitit counts it as a time-out), one requeued with ``scontrol
+    requeue`` (SIGTERM alone: the trainer's own checkpoint), one left alone. All end with the same teacher,
+    bit for bit, each in its first MLflow run holding every step once."""
+    run = [*tiny(tmp_path / "data", iters=ITERS, logger=None), f"trainer.checkpoint_every={EVERY}",
+           f"trainer.log_every={EVERY}", *tracked(lab, "preempt")]
+    sweep_dir = tmp_path / "sweep"
+    process = start_sweep(sweep_dir, "report.row=interrupted,requeued,alone", *run, *slurm())
+    interrupted, requeued, _ = job_ids(sweep_dir, 3)
+    for job in (0, 1):
+        wait_for(lambda job=job: (sweep_dir / str(job) / "checkpoints" / "last.pt").is_file(),
+                 f"job {job}'s first checkpoint", timeout=180)
+    signalled, signalled_at = time.monotonic(), datetime.now()
+    subprocess.run(["scontrol", "requeue", requeued], check=True)
+    interrupt(interrupted, sweep_dir / ".submitit" / interrupted / f"{interrupted}_0_log.out")
+    finish(process, sweep_dir)
+    restarts = {r["JobID"]: datetime.fromisoformat(r["Start"]) for r in accounting(interrupted.split("_")[0])}
+    print(f"signal to the end of the sweep: {time.monotonic() - signalled:.0f} s; from the signal to the "
+          f"requeued job's start: {(restarts[requeued] - signalled_at).total_seconds():.0f} s (scontrol requeue), "
+          f"{(restarts[interrupted] - signalled_at).total_seconds():.0f} s (interrupted)")
+
+    reference = teacher(sweep_dir / "2")
+    client = MlflowClient(lab["GTA_CLUSTER_TRACKING_URI"])
+    for run_dir, job in [(sweep_dir / "0", interrupted), (sweep_dir / "1", requeued)]:
+        log = (run_dir.parent / ".submitit" / job / f"{job}_0_log.err").read_text()
+        resumed = [line for line in log.splitlines() if line.startswith("resuming from")]
+        assert resumed and str(run_dir / "checkpoints" / "last.pt") in resumed[0], log[-3000:]
+        assert 0 < int(resumed[0].rsplit(" ", 1)[1]) < ITERS
+        state = teacher(run_dir)
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in reference), f"{run_dir}'s teacher differs"
+        # one history in one run: every logged step once, across the requeue
+        record = json.loads((run_dir / "result.json").read_text())
+        assert client.get_run(record["run_id"]).info.status == "FINISHED"
+        history = client.get_metric_history(record["run_id"], "train/student/loss_l")
+        assert sorted(m.step for m in history) == list(range(EVERY, ITERS + 1, EVERY))
+    assert len(children(lab, sweep_dir)[2]) == 3
+
+
+# --- 3. two tasks of one SLURM job train as torchrun's two processes do ------------------------------------------
+def test_two_task_job_matches_torchrun(lab, tmp_path):
+    run = [*tiny(tmp_path / "data", iters=6), "method.warmup_epochs=1"]
+    sweep_dir = tmp_path / "sweep"
+    sweep(sweep_dir, "seed=0", *run, *slurm("hydra.launcher.tasks_per_node=2"))
+    (job,) = job_ids(sweep_dir, 1)
+    assert (sweep_dir / ".submitit" / job / f"{job}_1_log.out").is_file()  # a second task ran
+    local = tmp_path / "torchrun"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "gta", "train",
+                    *run, "seed=0", f"hydra.run.dir={local}"], cwd=ROOT, env=environment(), check=True,
+                   capture_output=True, text=True, timeout=300)
+    on_slurm, on_torchrun = (json.loads((d / "result.json").read_text()) for d in (sweep_dir / "0", local))
+    assert on_slurm["miou"] == on_torchrun["miou"]
+    a, b = teacher(sweep_dir / "0"), teacher(local)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- 5. the tracking server dies mid-sweep and comes back: nothing is lost ----------------------------------------
+def test_server_outage_loses_no_metric(lab, tmp_path, start_sweep):
+    sweep_dir = tmp_path / "sweep"
+    iters = 300  # training outlasts the outage
+    process = start_sweep(sweep_dir, "seed=0,1", *tiny(tmp_path / "data", iters=iters, logger=None), *slurm(),
+                          *tracked(lab, "outage"), "logger.retry_interval=2", "trainer.log_every=10")
+    job_ids(sweep_dir, 2)
+
+    def training():  # both runs exist and log their losses: the outage falls on training, not on start-up
+        client, _, runs = children(lab, sweep_dir)
+        return len(runs) == 2 and all(client.get_metric_history(r.info.run_id, "lr/student") for r in runs)
+
+    wait_for(training, "both jobs to train", timeout=180, every=1)
+    pid_file = Path(lab["SLURM_CONF"]).parents[1] / "run" / "mlflow.pid"
+    pid = int(pid_file.read_text())
+    os.killpg(pid, signal.SIGKILL)  # the server dies without a word
+    killed = time.monotonic()
+    time.sleep(5)
+    subprocess.run([str(CLUSTER), "start"], check=True, capture_output=True, timeout=300)
+    print(f"tracking server down for {time.monotonic() - killed:.0f} s")
+    finish(process, sweep_dir, timeout=400)
+    logs = " ".join(path.read_text() for path in (sweep_dir / ".submitit").glob("*/*_log.err"))
+    assert "could not log" in logs  # the outage was noticed, while training
+    assert not list(sweep_dir.glob("*/unsent_metrics.jsonl"))  # and everything sent in the end
+    client, _, runs = children(lab, sweep_dir)
+    assert len(runs) == 2
+    for run in runs:
+        for key in ("train/student/loss_l", "lr/student"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(10, iters + 1, 10)), (run.info.run_name, key)
+        assert client.get_metric_history(run.info.run_id, "val/miou")
