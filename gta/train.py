@@ -243,10 +243,10 @@ def comparison(overrides: list[str], network: str) -> str | None:
     seeds = f"{min(record['seeds'])}-{max(record['seeds'])}"
     lines = [f"  compare    make compare at this budget ({network}, seeds {seeds}, {record['date']}), % mIoU, mean "
              f"[95 % interval] (difference paired by seed): {cells}{bound}"]
-    if moved := record.get("moved"):
+    if moved := max(record.get("moved") or [], key=lambda m: m["max_abs"], default=None):
         lines.append(f"             a run of one seed may land {moved['max_abs']:.2f} points from that seed's value in the "
-                     f"table: the same seed moved that far between {moved['threads'][0]} and {moved['threads'][1]} "
-                     "threads per run, which sum floats in another order as another machine does")
+                     f"table: the same seed moved that far {moved['between']} (the order of float sums differs "
+                     "between machines and thread counts, and training amplifies it)")
     lines.append("             (README: Results on the embedded dataset)")
     return "\n".join(lines)
 

@@ -6,6 +6,8 @@ Each row gives its mean, std, n and 95 % interval, and each method its differenc
 seed, a tie when that interval contains 0 (gta/stats.py). ``--recheck-threads N`` trains the rows of
 ``--recheck-methods`` again with N threads per run: another thread count sums floats in another order, as
 another machine does, and how far the same seed moves tells how far a reader's rerun may land from a row.
+``--against OLD.json`` says the same of an earlier table (another machine's compare.json, or the committed
+reference), seed by seed.
 
 Every run is ``python -m gta train`` in a subprocess, ``--jobs`` at a time (each with ``--threads``
 threads, by default its share of the CPUs), logged to MLflow (experiment "compare") unless
@@ -85,7 +87,7 @@ def difference(r: dict, rows: list[dict]) -> Estimate | None:
     return None if base is None or base is r else paired(by_seed(r), by_seed(base))
 
 
-def markdown(rows: list[dict], moved: dict | None = None) -> str:
+def markdown(rows: list[dict], moved: list[dict] = ()) -> str:
     lines = [f"| network | method | labels | mIoU (%): mean ± std [95 % interval] (n) | per seed | vs {BASELINE} "
              "(paired by seed) | s per run |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -93,21 +95,28 @@ def markdown(rows: list[dict], moved: dict | None = None) -> str:
         d = difference(r, rows)
         lines.append(f"| {r['network']} | {r['method']} | {r['labeled']} | {format_estimate(estimate(r['values']))} | "
                      f"{values} | {format_difference(d) if d else ''} | {r['seconds']} |")
-    if moved:
-        lines += ["", f"The same seed with {moved['threads'][1]} threads per run instead of {moved['threads'][0]} "
-                  f"moved by {moved['mean_abs']:.2f} points on average and by {moved['max_abs']:.2f} at most "
-                  f"({moved['n']} runs: {', '.join(moved['methods'])})."]
+    for m in moved:
+        lines += ["", f"The same seed moved {m['between']} by {m['mean_abs']:.2f} points on average and by "
+                  f"{m['max_abs']:.2f} at most ({m['n']} runs: {', '.join(m['methods'])})."]
     return "\n".join(lines) + "\n"
 
 
-def movement(first: list[dict], second: list[dict], threads: list[int]) -> dict:
-    """How far the same seeds moved between two thread counts: each run's shift, their mean and largest size."""
-    shifts = [{"method": a["method"], "seed": s, "values": [x, y], "moved": round(y - x, 2)}
-              for a, b in zip(first, second, strict=True)
-              for s, x, y in zip(a["seeds"], a["values"], b["values"], strict=True)]
+def movement(pairs: list[tuple[dict, dict]], between: str) -> dict:
+    """How far the same seeds moved from the first row of each pair to the second: each run's shift, their mean
+    and largest size."""
+    shifts = [{"method": a["method"], "network": a["network"], "seed": s, "values": [x, y], "moved": round(y - x, 2)}
+              for a, b in pairs for s, x in zip(a["seeds"], a["values"], strict=True)
+              if (y := by_seed(b).get(str(s))) is not None]
     sizes = [abs(s["moved"]) for s in shifts]
-    return {"threads": threads, "methods": [r["method"] for r in first], "n": len(sizes),
+    return {"between": between, "methods": list(dict.fromkeys(a["method"] for a, _ in pairs)), "n": len(sizes),
             "mean_abs": round(statistics.fmean(sizes), 2), "max_abs": round(max(sizes), 2), "runs": shifts}
+
+
+def same_rows(rows: list[dict], earlier: list[dict]) -> list[tuple[dict, dict]]:
+    """The rows of an earlier table matched to today's by network, method and labels."""
+    key = lambda r: (r["network"], r["method"], r["labels"])  # noqa: E731
+    found = {key(r): r for r in rows}
+    return [(e, found[key(e)]) for e in earlier if key(e) in found]
 
 
 def main() -> None:
@@ -121,6 +130,7 @@ def main() -> None:
     parser.add_argument("--recheck-threads", type=int, help="train the --recheck-methods rows again with as many "
                         "threads per run, and say how far each seed moved")
     parser.add_argument("--recheck-methods", nargs="+", choices=list(METHODS), default=list(RECHECKED))
+    parser.add_argument("--against", type=Path, help="an earlier compare.json: how far the same seeds moved from it")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--reference", action="store_true", help="also write the demo's comparison table")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench-results")
@@ -147,7 +157,7 @@ def main() -> None:
         done = iter(pool.map(lambda job: train(*job, threads), flat))
         return [[next(done) for _ in row_jobs] for row_jobs in grid]
 
-    rows, rechecked, moved = [], [], None
+    rows, rechecked, moved = [], [], []
     with ThreadPoolExecutor(args.jobs) as pool:
         for model in args.models:
             grid = [jobs(model, METHODS[method], [], METHODS[method]) for method in args.methods]
@@ -167,7 +177,12 @@ def main() -> None:
         if d := difference(r, rows):
             r["difference"] = {"to": BASELINE, **rounded(d), "verdict": verdict(d)}
     if rechecked:
-        moved = movement([a for a, _ in rechecked], [b for _, b in rechecked], [threads, args.recheck_threads])
+        moved.append(movement(rechecked, f"between {threads} and {args.recheck_threads} threads per run"))
+    if args.against:
+        earlier = json.loads(args.against.read_text())
+        for e in earlier["rows"]:  # tables written before each row named its seeds
+            e.setdefault("seeds", earlier["seeds"])
+        moved.append(movement(same_rows(rows, earlier["rows"]), f"from the table of {earlier['date']}"))
 
     table = markdown(rows, moved)
     args.out.mkdir(parents=True, exist_ok=True)
