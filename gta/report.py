@@ -10,8 +10,11 @@ of its values; the other keys label the columns ``key=value``; with one key (or 
 column, headed by the metric.
 
 The table says which labeled images its cells trained on (the runs' ``split/*`` params: family, list, size,
-SHA-1 of labeled.txt), since results on different published lists are not comparable. It is printed,
-written as Markdown and CSV, drawn as a PNG and logged to the parent run.
+SHA-1 of labeled.txt), since results on different published lists are not comparable. Each cell gives its
+mean, sample std, n and the mean's 95 % Student-t interval; below the table, each row's difference to the
+baseline row (``report.baseline``, else the first) in the same column, paired by seed, with its interval and
+called a tie when that interval contains 0 (gta/stats.py). It is printed, written as Markdown and CSV, drawn
+as a PNG and logged to the parent run.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import csv
 import math
 import os
 import re
-import statistics
 import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -31,6 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gta.errors import MissingPathError, NoRunsError
+from gta.stats import CONFIDENCE, Estimate, estimate, format_difference, format_estimate, paired
 from gta.tracking.sweep import PARENT_FILE, SweepParent
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -52,6 +55,8 @@ class Layout:
     #: chart's x axis); named for sweeps without an experiment file (named_axes), empty for tables
     row_header: str = ""
     column_axis: str = ""
+    #: the row every other row's difference is taken to (paired by seed); empty: the first row
+    baseline: str = ""
 
     @property
     def measured(self) -> str:
@@ -73,6 +78,7 @@ class Layout:
             metric=str(node.get("metric") or "val/miou"),
             metrics={str(k): str(v) for k, v in plain("metrics").items()},
             paper=paper,
+            baseline=str(node.get("baseline") or ""),
         )
 
 
@@ -96,12 +102,27 @@ class Result:
 class Cell:
     row: str
     column: str
-    mean: float
-    std: float
-    n: int
+    #: the mean over seeds, its sample std, n and interval
+    spread: Estimate
     paper: float | None
     #: the labeled lists of the cell's runs (values of SPLIT_PARAMS); one unless the runs differ
     splits: tuple[tuple[str, ...], ...] = ()
+    #: each seed's value
+    seeds: Mapping[str, float] = field(default_factory=dict)
+    #: to the baseline row's cell of the same column, paired by seed (None for the baseline itself)
+    difference: Estimate | None = None
+
+    @property
+    def mean(self) -> float:
+        return self.spread.mean
+
+    @property
+    def std(self) -> float:
+        return self.spread.std
+
+    @property
+    def n(self) -> int:
+        return self.spread.n
 
 
 # --- from runs to results ----------------------------------------------------------------------------------
@@ -176,21 +197,27 @@ def ordered(found: Iterable[str], declared: Mapping[str, str]) -> list[str]:
     return [k for k in declared if k in found] + sorted(found - set(declared), key=natural)
 
 
+def baseline_row(layout: Layout, rows: list[str]) -> str | None:
+    return layout.baseline if layout.baseline in rows else (rows[0] if rows else None)
+
+
 def cells(results: list[Result], layout: Layout) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
-    """Mean and sample standard deviation over seeds for every (row, column) with results."""
-    groups: dict[tuple[str, str], list[float]] = {}
+    """Mean, sample std and interval over seeds for every (row, column) with results, and its difference
+    to the baseline row's cell of the same column, paired by seed."""
+    groups: dict[tuple[str, str], dict[str, float]] = {}
     splits: dict[tuple[str, str], set[tuple[str, ...]]] = {}
     for r in results:
-        groups.setdefault((r.row, r.column), []).append(r.value)
+        groups.setdefault((r.row, r.column), {})[r.seed] = r.value
         splits.setdefault((r.row, r.column), set()).add(r.split)
     rows = ordered((r for r, _ in groups), layout.rows)
     columns = ordered((c for _, c in groups), layout.columns)
+    base = baseline_row(layout, rows)
     table = {}
-    for (row, column), values in groups.items():
-        std = statistics.stdev(values) if len(values) > 1 else math.nan
-        paper = layout.paper.get(row, {}).get(column)
-        table[(row, column)] = Cell(row, column, statistics.fmean(values), std, len(values), paper,
-                                    tuple(sorted(splits[(row, column)])))
+    for (row, column), seeds in groups.items():
+        baseline = groups.get((base, column)) if row != base else None
+        table[(row, column)] = Cell(row, column, estimate(list(seeds.values())), layout.paper.get(row, {}).get(column),
+                                    tuple(sorted(splits[(row, column)])), seeds,
+                                    paired(seeds, baseline) if baseline else None)
     return rows, columns, table
 
 
@@ -201,8 +228,7 @@ MIXED = "†"
 def format_cell(cell: Cell | None) -> str:
     if cell is None:
         return ""
-    spread = "" if math.isnan(cell.std) else f" ± {cell.std:.2f}"
-    return f"{cell.mean:.2f}{spread} (n={cell.n})" + (f" {MIXED}" if len(cell.splits) > 1 else "")
+    return format_estimate(cell.spread) + (f" {MIXED}" if len(cell.splits) > 1 else "")
 
 
 def format_split(split: tuple[str, ...]) -> str:
@@ -218,7 +244,8 @@ def markdown(layout: Layout, rows: list[str], columns: list[str], table: dict[tu
     lines = [
         f"## {layout.title}",
         "",
-        f"mIoU (%) of `{layout.measured}`: mean ± sample std over seeds (n runs){paper}.",
+        f"mIoU (%) of `{layout.measured}`: mean ± sample std over seeds [{CONFIDENCE:.0%} interval of the mean, "
+        f"Student t] (n runs){paper}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -231,6 +258,7 @@ def markdown(layout: Layout, rows: list[str], columns: list[str], table: dict[tu
                 paper = layout.paper.get(row, {}).get(column)
                 values.append("" if paper is None else f"{paper:.2f}")
         lines.append("| " + " | ".join(values) + " |")
+    lines += differences(layout, rows, columns, table)
     cells = [table[(r, c)] for c in columns for r in rows if (r, c) in table]
     lists = dict.fromkeys(split for cell in cells for split in cell.splits)
     lines += ["", "Labeled images (data.splits family and list, SHA-1 of the runs' split/labeled.txt): "
@@ -240,12 +268,35 @@ def markdown(layout: Layout, rows: list[str], columns: list[str], table: dict[tu
     return "\n".join(lines) + "\n"
 
 
+def differences(layout: Layout, rows: list[str], columns: list[str], table: dict[tuple[str, str], Cell]) -> list[str]:
+    """The table of differences to the baseline row, paired by seed; none when no row has one."""
+    compared = [r for r in rows if any(table.get((r, c)) and table[(r, c)].difference for c in columns)]
+    if not compared:
+        return []
+    base = baseline_row(layout, rows)
+    label = lambda row: layout.rows.get(row, row)  # noqa: E731
+    lines = ["", f"Difference to {label(base)} (points), paired by seed: mean [{CONFIDENCE:.0%} interval] (n pairs); "
+             "a tie when the interval contains 0.", "",
+             "| " + " | ".join([layout.row_header, *(layout.columns.get(c, c) for c in columns)]) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    for row in compared:
+        found = [table.get((row, c)) for c in columns]
+        lines.append("| " + " | ".join([label(row), *(format_difference(cell.difference)
+                                                      if cell and cell.difference else "" for cell in found)]) + " |")
+    return lines
+
+
+def number(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.4f}"
+
+
 def write_csv(path: Path, layout: Layout, rows: list[str], columns: list[str],
               table: dict[tuple[str, str], Cell]) -> Path:
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["row", "row_label", "column", "column_label", "mean", "std", "n", "paper",
-                      "split_family", "split_list", "split_size", "labeled_sha1"])
+        out.writerow(["row", "row_label", "column", "column_label", "mean", "std", "n", "low", "high", "paper",
+                      "split_family", "split_list", "split_size", "labeled_sha1",
+                      "difference", "difference_low", "difference_high", "difference_n"])
         for row in rows:
             for column in columns:
                 cell = table.get((row, column))
@@ -253,14 +304,16 @@ def write_csv(path: Path, layout: Layout, rows: list[str], columns: list[str],
                     continue
                 # several values joined by ";" where the cell's runs differ
                 split = [";".join(dict.fromkeys(part)) for part in zip(*cell.splits, strict=True)]
+                d = cell.difference
+                difference = ["", "", "", ""] if d is None else [number(d.mean), number(d.low), number(d.high), d.n]
                 out.writerow([row, layout.rows.get(row, row), column, layout.columns.get(column, column),
-                              f"{cell.mean:.4f}", "" if math.isnan(cell.std) else f"{cell.std:.4f}", cell.n,
-                              "" if cell.paper is None else cell.paper, *split])
+                              number(cell.mean), number(cell.std), cell.n, number(cell.spread.low),
+                              number(cell.spread.high), "" if cell.paper is None else cell.paper, *split, *difference])
     return path
 
 
 def figure(layout: Layout, rows: list[str], columns: list[str], table: dict[tuple[str, str], Cell]) -> Any:
-    """Grouped bars: one group per column, one bar per row, seed std as error bars, the paper as marks
+    """Grouped bars: one group per column, one bar per row, the mean's interval as error bars, the paper as marks
     (a matplotlib Figure, drawn without pyplot)."""
     from matplotlib.figure import Figure
 
@@ -268,7 +321,7 @@ def figure(layout: Layout, rows: list[str], columns: list[str], table: dict[tupl
     fig = Figure(figsize=(max(5.0, 0.6 * len(columns) * len(rows) + 2.0), 3.8))
     ax = fig.subplots()
     for i, row in enumerate(rows):
-        xs, means, stds, paper_x, paper_y = [], [], [], [], []
+        xs, means, halves, paper_x, paper_y = [], [], [], [], []
         for j, column in enumerate(columns):
             cell = table.get((row, column))
             if cell is None:
@@ -276,11 +329,11 @@ def figure(layout: Layout, rows: list[str], columns: list[str], table: dict[tupl
             x = j - 0.4 + width * (i + 0.5)
             xs.append(x)
             means.append(cell.mean)
-            stds.append(0.0 if math.isnan(cell.std) else cell.std)
+            halves.append(0.0 if not cell.spread.has_interval else cell.spread.high - cell.mean)
             if cell.paper is not None:
                 paper_x.append(x)
                 paper_y.append(cell.paper)
-        ax.bar(xs, means, width, yerr=stds, capsize=2, label=layout.rows.get(row, row))
+        ax.bar(xs, means, width, yerr=halves, capsize=2, label=layout.rows.get(row, row))
         ax.plot(paper_x, paper_y, "k_", markersize=12, markeredgewidth=2)
     if any(cell.paper is not None for cell in table.values()):
         ax.plot([], [], "k_", markersize=12, markeredgewidth=2, label="paper")
@@ -402,7 +455,7 @@ def report(source: str, out_dir: str | Path | None = None, tracking_uri: str | N
     text = markdown(layout, rows, columns, table)
     if out_dir is None and found.sweep_dir is not None and found.sweep_dir.is_dir():
         out_dir = found.sweep_dir / "report"
-    # a run's name ("table4: variant × seed") as a directory name: letters, digits, . = - _
+    # a run's name ("table4: method × seed") as a directory name: letters, digits, . = - _
     out = Path(out_dir or Path("reports") / re.sub(r"[^\w.=-]+", "_", found.name))
     out.mkdir(parents=True, exist_ok=True)
     md = out / "table.md"

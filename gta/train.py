@@ -269,11 +269,25 @@ def comparison(overrides: list[str], network: str) -> str | None:
     rows = [r for r in record["rows"] if r["network"] == network]
     if not rows:
         return None
-    cells = ", ".join(f"{r['method']} {r['mean']:.2f} ± {r['std']:.2f}" for r in rows if r["labels"] != "all")
-    bound = next((f"; SupOnly on all {r['labeled']} labels {r['mean']:.2f}" for r in rows if r["labels"] == "all"), "")
+
+    def cell(r: dict) -> str:
+        text = f"{r['mean']:.2f}" + (f" [{r['low']:.2f}, {r['high']:.2f}]" if r.get("low") is not None else "")
+        d = r.get("difference")
+        if d and d["low"] is not None:
+            text += f" ({d['verdict']} {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] to {d['to']})"
+        return text
+
+    cells = ", ".join(f"{r['method']} {cell(r)}" for r in rows if r["labels"] != "all")
+    bound = next((f"; SupOnly on all {r['labeled']} labels {cell(r)}" for r in rows if r["labels"] == "all"), "")
     seeds = f"{min(record['seeds'])}-{max(record['seeds'])}"
-    return (f"  compare    make compare at this budget ({network}, seeds {seeds}, {record['date']}): {cells}{bound} "
-            "% mIoU (README: Results on the embedded dataset)")
+    lines = [f"  compare    make compare at this budget ({network}, seeds {seeds}, {record['date']}), % mIoU, mean "
+             f"[95 % interval] (difference paired by seed): {cells}{bound}"]
+    if moved := max(record.get("moved") or [], key=lambda m: m["max_abs"], default=None):
+        lines.append(f"             a run of one seed may land {moved['max_abs']:.2f} points from that seed's value in the "
+                     f"table: the same seed moved that far {moved['between']} (the order of float sums differs "
+                     "between machines and thread counts, and training amplifies it)")
+    lines.append("             (README: Results on the embedded dataset)")
+    return "\n".join(lines)
 
 
 # --- the Hydra callbacks of the train command (conf/train.yaml: hydra.callbacks) -------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -41,7 +42,8 @@ LAYOUT = Layout(
 )
 
 
-def test_mean_and_sample_std_over_seeds_with_paper_values():
+def test_mean_sample_std_and_interval_over_seeds_with_paper_values():
+    """70, 72, 74: mean 72, std 2, the mean's 95 % interval 72 ± 4.3027 * 2 / sqrt(3) = [67.03, 76.97]."""
     runs = [run("gta", "92", s, v) for s, v in enumerate([0.70, 0.72, 0.74])]
     runs += [run("suponly", "92", 0, 0.40), run("gta", "183", 0, 0.73)]
     placed, notes = results(runs, LAYOUT)
@@ -49,15 +51,47 @@ def test_mean_and_sample_std_over_seeds_with_paper_values():
     assert not notes and rows == ["suponly", "gta"] and columns == ["92", "183"]
     cell = table[("gta", "92")]
     assert cell.mean == pytest.approx(72.0) and cell.std == pytest.approx(2.0) and cell.n == 3
+    assert (cell.spread.low, cell.spread.high) == (pytest.approx(67.0317, abs=1e-4), pytest.approx(76.9683, abs=1e-4))
     assert cell.paper == 70.02 and math.isnan(table[("gta", "183")].std)
     text = markdown(LAYOUT, rows, columns, table)
+    assert "mean ± sample std over seeds [95% interval of the mean, Student t] (n runs)" in text
     assert "|  | 92 | paper | 183 | paper |" in text
-    assert "| GTA-Seg | 72.00 ± 2.00 (n=3) | 70.02 | 73.00 (n=1) | 73.16 |" in text
+    assert "| GTA-Seg | 72.00 ± 2.00 [67.03, 76.97] (n=3) | 70.02 | 73.00 (n=1) | 73.16 |" in text
     assert "| SupOnly | 40.00 (n=1) |  |  |  |" in text
+    # one seed in common with SupOnly: a difference, but no interval to call it a gain
+    assert "| GTA-Seg | +30.00 (n=1, no interval) |  |" in text
     assert "; paper: the paper's value (the experiment file's `report.paper`)." in text
     # a table keeps its tags' layout: named_axes leaves it alone
     assert named_axes(LAYOUT, runs) is LAYOUT
     assert chart(LAYOUT, rows, columns, table) == ("", ["paper", "SupOnly", "GTA-Seg"], "", ["92", "183"])
+
+
+THREE = Layout(title="Three", rows={"suponly": "SupOnly", "mt": "MT", "gta": "GTA-Seg"})
+
+
+def test_each_row_against_the_baseline_paired_by_seed(tmp_path):
+    """GTA-Seg ahead of SupOnly in every seed (2, 3, 1 points) is still a tie: [-0.48, +4.48] contains 0;
+    MT 3 points ahead in every seed is a gain. The baseline is the first row, or report.baseline."""
+    values = {"suponly": [58, 59, 60], "mt": [61, 62, 63], "gta": [60, 62, 61]}
+    runs = [run(row, "20", s, v / 100) for row, vs in values.items() for s, v in enumerate(vs)]
+    rows, columns, table = cells(results(runs, THREE)[0], THREE)
+    assert table[("suponly", "20")].difference is None
+    tie = table[("gta", "20")].difference
+    assert (tie.low, tie.high) == (pytest.approx(-0.4841, abs=1e-4), pytest.approx(4.4841, abs=1e-4))
+    text = markdown(THREE, rows, columns, table)
+    diffs = text.split("Difference to SupOnly (points), paired by seed: mean [95% interval] (n pairs); "
+                       "a tie when the interval contains 0.")[1]
+    assert "| MT | gain +3.00 [+3.00, +3.00] (n=3) |" in diffs
+    assert "| GTA-Seg | tie +2.00 [-0.48, +4.48] (n=3) |" in diffs and "SupOnly" not in diffs
+    with write_csv(tmp_path / "table.csv", THREE, rows, columns, table).open() as f:
+        records = {r["row"]: r for r in csv.DictReader(f)}
+    assert (records["gta"]["difference"], records["gta"]["difference_low"], records["gta"]["difference_n"]) == (
+        "2.0000", "-0.4841", "3")
+    assert records["gta"]["low"] == "58.5159" and records["suponly"]["difference"] == ""
+    against_gta = replace(THREE, baseline="gta")
+    rows, columns, table = cells(results(runs, against_gta)[0], against_gta)
+    text = markdown(against_gta, rows, columns, table)
+    assert "Difference to GTA-Seg" in text and "| SupOnly | tie -2.00 [-4.48, +0.48] (n=3) |" in text
 
 
 def test_unfinished_runs_are_left_out_and_the_latest_rerun_wins():
@@ -89,7 +123,7 @@ def test_without_row_tags_the_varying_overrides_are_the_axes():
     assert all(cell.n == 2 for cell in table.values())
     text = markdown(layout, rows, columns, table)
     assert "| ema.alpha | method.warmup_epochs=0 | method.warmup_epochs=1 |" in text
-    assert "| 0.99 | 50.00 ± 0.00 (n=2) | 50.00 ± 0.00 (n=2) |" in text
+    assert "| 0.99 | 50.00 ± 0.00 [50.00, 50.00] (n=2) | 50.00 ± 0.00 [50.00, 50.00] (n=2) |" in text
     assert chart(layout, rows, columns, table) == (
         "ema.alpha", ["0.9", "0.99"], "method.warmup_epochs", ["method.warmup_epochs=0", "method.warmup_epochs=1"])
 
@@ -105,7 +139,8 @@ def test_a_sweep_of_one_key_has_one_column_named_by_the_metric(tmp_path):
     text = markdown(layout, rows, columns, table)
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert lines[0] == "| method | val/miou |"
-    assert lines[2:] == ["| gta | 60.50 ± 0.71 (n=2) |", "| suponly | 40.50 ± 0.71 (n=2) |"]
+    assert lines[2:4] == ["| gta | 60.50 ± 0.71 [54.15, 66.85] (n=2) |", "| suponly | 40.50 ± 0.71 [34.15, 46.85] (n=2) |"]
+    assert lines[6:] == ["| suponly | loss -20.00 [-20.00, -20.00] (n=2) |"]
     assert "-" not in lines[0] and "paper" not in text
     with write_csv(tmp_path / "table.csv", layout, rows, columns, table).open() as f:
         assert {r["column_label"] for r in csv.DictReader(f)} == {"val/miou"}
@@ -123,7 +158,7 @@ def test_the_labeled_lists_of_the_runs_are_named(tmp_path):
     rows, columns, table = cells(results(runs, LAYOUT)[0], LAYOUT)
     assert table[("gta", "92")].splits == (("paper", "92", "92", "a" * 40),) and len(table[("gta", "183")].splits) == 2
     text = markdown(LAYOUT, rows, columns, table)
-    assert "| GTA-Seg | 70.00 ± 0.00 (n=2) | 70.02 | 70.00 ± 0.00 (n=2) † | 73.16 |" in text
+    assert "| GTA-Seg | 70.00 ± 0.00 [70.00, 70.00] (n=2) | 70.02 | 70.00 ± 0.00 [70.00, 70.00] (n=2) † | 73.16 |" in text
     assert "paper 92 (92 images, `aaaaaaaa`), cps 183 (183 images, `cccccccc`), paper 183 (183 images" in text
     assert "† the runs of this cell trained on different labeled lists" in text
     with write_csv(tmp_path / "table.csv", LAYOUT, rows, columns, table).open() as f:

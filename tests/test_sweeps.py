@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 
 import pytest
 import submitit.slurm.slurm as submitit_slurm
@@ -116,6 +117,17 @@ def test_status_poll_warnings_show_once(caplog):
 
 
 GRID = ["ema.alpha=0.9,0.99", "method.warmup_epochs=0,1"]
+
+
+def tables(out: str) -> list[list[str]]:
+    """The Markdown tables of a report's output, each as its lines."""
+    found, current = [], []
+    for line in out.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            found, current = [*found, current], []
+    return found
 ROWS, COLUMNS = ["alpha 0.9", "alpha 0.99"], ["warm-up 0", "warm-up 1"]
 
 
@@ -166,7 +178,7 @@ def test_report_of_the_grid(grid, tmp_path):
     the parent run id gives the same table."""
     sweep, store = grid
     out = gta("report", str(sweep)).stdout
-    lines = [line for line in out.splitlines() if line.startswith("|")]
+    lines = tables(out)[0]
     assert lines[0].split("|")[2:-1] == [f" {c} " for c in COLUMNS]
     assert [line.split("|")[1].strip() for line in lines[2:]] == ROWS
     assert all(line.count("(n=1)") == 2 for line in lines[2:])
@@ -201,10 +213,15 @@ def test_report_of_a_sweep_without_experiment_file(tmp_path):
     gta("train", "--multirun", *tiny(tmp_path / "data", logger="mlflow"), f"hydra.sweep.dir={sweep}",
         f"logger.tracking_uri={store}", "method=suponly,gta", "seed=0,1")
     out = gta("report", str(sweep)).stdout
-    lines = [line for line in out.splitlines() if line.startswith("|")]
+    lines, difference = tables(out)
     assert lines[0] == "| method | val/miou |"
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["gta", "suponly"]
     assert all("(n=2)" in line for line in lines[2:])
+    # each cell's interval; suponly against the first row, paired by seed, with its verdict
+    assert all(re.search(r"± \d+\.\d\d \[-?\d+\.\d\d, \d+\.\d\d\] \(n=2\)", line) for line in lines[2:]), lines
+    assert "Difference to gta (points), paired by seed" in out
+    assert re.fullmatch(r"\| suponly \| (gain|loss|tie) [-+]\d+\.\d\d \[[-+]\d+\.\d\d, [-+]\d+\.\d\d\] \(n=2\) \|",
+                        difference[2])
     assert "paper" not in out
     assert sorted(p.name for p in (sweep / "report").iterdir()) == ["table.csv", "table.md", "table.png"]
     assert (sweep / "report" / "table.png").read_bytes().startswith(b"\x89PNG")
