@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -68,6 +69,12 @@ def rounded(e: Estimate) -> dict:
     return {"mean": round(e.mean, 2), "std": number(e.std), "n": e.n, "low": number(e.low), "high": number(e.high)}
 
 
+def stored(r: dict) -> Estimate:
+    """A row's estimate as rounded() kept it."""
+    number = lambda x: math.nan if x is None else x  # noqa: E731
+    return Estimate(r["mean"], number(r["std"]), r["n"], number(r["low"]), number(r["high"]))
+
+
 def row(model: str, method: str, labels: str, seeds: list[int], results: list[dict]) -> dict:
     values = [100 * r["value"] for r in results]
     return {
@@ -95,7 +102,7 @@ def markdown(rows: list[dict], moved: list[dict] = ()) -> str:
     for r in rows:
         values = ", ".join(f"{v:.2f}" for v in r["values"])
         d = difference(r, rows)
-        lines.append(f"| {r['network']} | {r['method']} | {r['labeled']} | {format_estimate(estimate(r['values']))} | "
+        lines.append(f"| {r['network']} | {r['method']} | {r['labeled']} | {format_estimate(stored(r))} | "
                      f"{values} | {format_difference(d) if d else ''} | {r['seconds']} |")
     for m in moved:
         lines += ["", f"The same seed moved {m['between']} by {m['mean_abs']:.2f} points on average and by "
@@ -184,7 +191,7 @@ def main() -> None:
         earlier = json.loads(args.against.read_text())
         for e in earlier["rows"]:  # tables written before each row named its seeds
             e.setdefault("seeds", earlier["seeds"])
-        moved.append(movement(same_rows(rows, earlier["rows"]), f"from the table of {earlier['date']}"))
+        moved.append(movement(same_rows(rows, earlier["rows"]), f"from the earlier table of {earlier['date']}"))
 
     table = markdown(rows, moved)
     args.out.mkdir(parents=True, exist_ok=True)

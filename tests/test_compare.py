@@ -79,7 +79,8 @@ def test_compare_states_intervals_ties_and_how_far_a_seed_moves(tmp_path):
     assert "| GTA-Seg | 20 | 61.00 ± 1.00 [58.52, 63.48] (n=3) | 60.00, 62.00, 61.00 | tie +2.00 [-0.48, +4.48]" in table
     assert "moved between 1 and 2 threads per run by 0.88 points on average and by 1.25 at most (6 runs: SupOnly, " \
            "GTA-Seg)" in table
-    assert "moved from the table of 2026-12-01 by 0.25 points on average and by 0.50 at most (2 runs: GTA-Seg)" in table
+    assert "moved from the earlier table of 2026-12-01 by 0.25 points on average and by 0.50 at most (2 runs: " \
+           "GTA-Seg)" in table
     record = json.loads((tmp_path / "compare.json").read_text())
     gta = record["rows"][2]
     assert (gta["method"], gta["seeds"], gta["low"], gta["high"]) == ("GTA-Seg", [0, 1, 2], 58.52, 63.48)
