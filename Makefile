@@ -2,6 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test: the cluster tests spend much of their time waiting for SLURM and the
+# tracking server, and the rest of the suite runs beside them; --dist loadscope keeps each module on one
+# worker, so a module's shared runs (and the cluster's one server) are used by one process
+WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 
@@ -25,7 +29,7 @@ demo: setup ## train GTA-Seg on the embedded synthetic dataset (CPU, a few minut
 test: setup ## run the test suite (what CI runs: .ci/run), with the local SLURM cluster and MLflow server
 	@scripts/cluster.sh start || echo "make test: the local cluster did not start; tests/test_cluster.py will say why"; \
 	trap 'scripts/cluster.sh stop' EXIT; \
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 cluster: setup ## start the local SLURM cluster and MLflow server (scripts/cluster.sh; stop: scripts/cluster.sh stop)
 	scripts/cluster.sh start
