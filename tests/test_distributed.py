@@ -65,11 +65,12 @@ def test_torchrun_trains_two_processes_into_one_run_directory(tmp_path):
 
     (run,) = (tmp_path / "runs").iterdir()  # one directory, written by rank 0 alone
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
-    assert {"config.yaml", "result.json", "teacher.pt", "split"} <= {p.name for p in run.iterdir()}
+    # two iterations end inside the warm-up: the saved model is the one that learns, the student
+    assert {"config.yaml", "result.json", "student.pt", "split"} <= {p.name for p in run.iterdir()}
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["iteration"] == 2 and len(state["rng_other_ranks"]) == WORLD - 1
     # One summary: only rank 0 prints. Every step compared the ranks' models (check_sync_every=1).
-    assert result.stdout.count("val mIoU teacher") == 1
+    assert result.stdout.count("val mIoU student") == 1
 
 
 # --- the collectives ------------------------------------------------------------------------------------

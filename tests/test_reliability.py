@@ -20,6 +20,7 @@ from helpers import GTA, ITERS, NaNAt, Recorder, assert_same_state, environment,
 from hydra import compose
 from hydra.errors import ConfigCompositionException
 
+from gta.contract import Progress
 from gta.engine import checkpoint as ckpt
 from gta.engine.checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_models
 from gta.engine.guard import NonFiniteLossError
@@ -77,7 +78,9 @@ def test_best_checkpoint_is_kept(source, tmp_path):
     trainer = make_trainer(source, tmp_path, eval_every=2, checkpoint_every=3)
     trainer.fit()
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
-    scores = {r.step: r.miou["teacher"] for r in trainer.history}
+    # the model reported at each evaluation: the student during the warm-up, the teacher after it
+    reported = {r.step: trainer.method.reported_at(Progress(r.step, trainer.loaders.iters_per_epoch)) for r in trainer.history}
+    scores = {r.step: r.miou[reported[r.step]] for r in trainer.history}
     assert best["best"] == {"step": max(scores, key=scores.get), "miou": max(scores.values())}
     assert best["iteration"] == best["best"]["step"]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["best"] == best["best"]
