@@ -254,3 +254,41 @@ def test_python_m_gta_train_method_unimatch(tmp_path):
     result = gta("train", "method=unimatch", *tiny(tmp_path / "data", iters=3), f"hydra.run.dir={tmp_path / 'run'}")
     assert "UniMatch on SyntheticShapes" in result.stdout and "val mIoU student" in result.stdout
     assert (tmp_path / "run" / "student.pt").is_file()
+
+
+# --- recipes --------------------------------------------------------------------------------------------
+
+
+def differences(a, b) -> dict:
+    """The values that differ between two composed configs, the method node aside: {key: (a's, b's)}."""
+    from gta.tracking import flatten_config
+
+    flat_a, flat_b = (flatten_config({k: v for k, v in c.items() if k != "method"}) for c in (a, b))
+    return {k: (flat_a.get(k), flat_b.get(k)) for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k)}
+
+
+@pytest.mark.usefixtures("hydra_conf")
+@pytest.mark.parametrize(("dataset", "expected", "method"), [
+    ("pascal_voc", {"model.output_stride": ("8", "16"), "dataset.crop_size": ("513", "321"),
+                    "data.batch_size": ("3", "2"), "eval.mode": ("center_crop", "whole")},
+     {"conf_thresh": 0.95, "ohem_thresh": None}),
+    ("pascal_voc_aug", {"model.output_stride": ("8", "16"), "data.batch_size": ("3", "2"),
+                        "eval.mode": ("center_crop", "whole")},
+     {"conf_thresh": 0.95, "ohem_thresh": None}),
+    ("cityscapes", {"model.output_stride": ("8", "16"), "dataset.crop_size": ("769", "801"),
+                    "optimizer.lr": ("0.01", "0.005"), "optimizer.weight_decay": ("0.0005", "0.0001"),
+                    "trainer.epochs": ("200", "240"), "trainer.decoder_lr_mult": ("10.0", "1.0"),
+                    "eval.crop_size": ("769", "801"), "eval.stride": ("513", "534")},
+     {"conf_thresh": 0.0, "ohem_thresh": 0.7, "ohem_min_kept": 200000}),
+])  # fmt: skip
+def test_unimatchs_recipe_differs_from_gta_segs_where_its_released_one_does(dataset, expected, method):
+    """``dataset=D method=unimatch``: UniMatch's recipe on the same dataset and labeled list; the command line
+    still wins, and GTA-Seg keeps its own."""
+    from hydra import compose
+
+    gta_seg = compose("train", overrides=[f"dataset={dataset}"])
+    uni = compose("train", overrides=[f"dataset={dataset}", "method=unimatch"])
+    assert differences(gta_seg, uni) == expected
+    assert {k: uni.method[k] for k in method} == method and uni.split == gta_seg.split
+    given = compose("train", overrides=[f"dataset={dataset}", "method=unimatch", "model.output_stride=8"])
+    assert given.model.output_stride == 8
