@@ -233,8 +233,8 @@ def view_pipelines(cfg: DictConfig, method) -> dict:
     if missing:
         raise ConfigError(
             f"{type(method).__name__} reads the unlabeled views {', '.join(method.views)}, but data.views has no "
-            f"{', '.join(missing)} (it defines {', '.join(cfg.data.views) or 'none'}); add "
-            f"+data.views.{missing[0]}={{}} for the default photometric view"
+            f"{', '.join(missing)} (it defines {', '.join(cfg.data.views) or 'none'}); define it in a config "
+            f"file (data: {{views: {{{missing[0]}: {{}}}}}} is the default photometric view)"
         )
     return {name: instantiate(cfg.data.views[name]) for name in method.views}
 
