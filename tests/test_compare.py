@@ -101,7 +101,7 @@ def test_compare_runs_the_grid_with_the_all_labels_bound(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "out" / "compare.json").read_text())["rows"]
     assert [(r["method"], r["labeled"]) for r in rows] == [("SupOnly", 4), ("Mean Teacher", 4), ("GTA-Seg", 4),
-                                                           ("SupOnly", 8)]
+                                                           ("UniMatch", 4), ("SupOnly", 8)]
     assert all(len(r["values"]) == 2 and r["iterations"] == 3 for r in rows)  # the bound: as many iterations
     table = (tmp_path / "out" / "compare.md").read_text().splitlines()
     assert table[0].startswith("| network | method | labels |") and len(table) == 2 + len(rows)
