@@ -82,6 +82,22 @@ class TrainerConfig:
 
 
 @dataclass
+class ViewConfig:
+    """A view of the unlabeled images besides the weak one (the dataset's crop, rescale and flip): the same
+    crop through photometric changes (gta.data.transforms.photometric_view). The defaults are UniMatch's
+    strong view."""
+
+    _target_: str = "gta.data.transforms.photometric_view"
+    #: colour jitter: brightness, contrast, saturation, hue
+    jitter: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5, 0.25])
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    #: the Gaussian blur's standard deviation is drawn uniformly from this range (pixels)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+
+
+@dataclass
 class DataConfig:
     #: labeled images per iteration, and as many unlabeled ones
     batch_size: int = 3
@@ -102,6 +118,9 @@ class DataConfig:
     #: naming the file). Skip, so that one bad file among thousands does not end a long run; check a
     #: dataset beforehand with python -m gta check
     on_bad_sample: str = "skip"
+    #: the views of the unlabeled images a method may read besides the weak one, by name; only those the
+    #: method names (Method.views) are made
+    views: dict[str, ViewConfig] = field(default_factory=lambda: {"strong1": ViewConfig(), "strong2": ViewConfig()})
 
 
 # --- report --------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,18 +47,35 @@ class Progress:
 
 
 @dataclass
+class Unlabeled:
+    """An unlabeled batch: its weak view, which of its pixels are crop padding, and its further views."""
+
+    image: Tensor
+    mask: Tensor
+    views: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class Batch:
     """A labeled batch (x_l, y_l) and, for semi-supervised methods, an unlabeled batch x_u.
 
     Images are N x 3 x H x W, normalised with the dataset's mean and std; masks N x H x W class indices,
-    the ignore index where there is no label. ``unlabeled_mask`` holds the ignore index where x_u is crop
-    padding and 0 elsewhere: it carries no ground truth, only which pixels are real image.
+    the ignore index where there is no label. x_u is the *weak* view of the unlabeled images: the dataset's
+    crop, rescale and flip. ``views`` holds the further views a method names in ``Method.views``, by name:
+    the same crop of the same images, each through its own pipeline (``data.views``; e.g. a strong view's
+    colour jitter, grayscale and blur), so a pseudo-label made on x_u is aligned with every view.
+    ``unlabeled_mask`` holds the ignore index where the crop is padding and 0 elsewhere: it carries no
+    ground truth, only which pixels are real image. ``second`` is another, independent unlabeled batch with
+    the same views, for a method that asks for one (``Method.second_unlabeled``), e.g. to mix its images
+    into the first's.
     """
 
     image: Tensor
     mask: Tensor
     unlabeled: Tensor | None = None
     unlabeled_mask: Tensor | None = None
+    views: dict[str, Tensor] = field(default_factory=dict)
+    second: Unlabeled | None = None
 
 
 class SegmentationNetwork(Protocol):
@@ -144,6 +161,11 @@ class Method(nn.Module, ABC):
     reported: str = "teacher"
     #: whether the engine must load unlabeled images at all
     uses_unlabeled: bool = True
+    #: the views of the unlabeled images besides the weak one that ``training_step`` reads
+    #: (``Batch.views``), each named in ``data.views``
+    views: tuple[str, ...] = ()
+    #: whether ``training_step`` reads a second unlabeled batch (``Batch.second``)
+    second_unlabeled: bool = False
     ignore_index: int = 255
 
     @abstractmethod
@@ -178,3 +200,26 @@ class Method(nn.Module, ABC):
         """L_l (Eq. 10): the cross-entropy of ``model``, in train mode, on the labeled batch."""
         model.train()
         return F.cross_entropy(model(batch.image), batch.mask, ignore_index=self.ignore_index)
+
+
+@runtime_checkable
+class PerturbedDecoding(Protocol):
+    """A network that can decode its features after a perturbation, besides decoding them as they are
+    (UniMatch's feature perturbation): a capability beyond :class:`SegmentationNetwork` that a method may
+    require. ``Segmenter`` offers it; a method that needs it checks with :func:`require`."""
+
+    def perturbed_forward(self, x: Tensor, perturb: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """The logits of ``x``, and those decoded from ``x``'s features after ``perturb``: one encoder pass,
+        one decoder pass over both (so that the decoder's normalisation sees both, as in one forward)."""
+        ...
+
+
+def require(network: nn.Module, capability: type, method: str) -> None:
+    """Fail, naming what is missing, unless ``network`` offers ``capability`` (a runtime Protocol)."""
+    if not isinstance(network, capability):
+        members = [name for name in vars(capability) if not name.startswith("_")]
+        missing = [name for name in members if not callable(getattr(network, name, None))]
+        raise ContractError(
+            f"method {method} needs a network that offers {capability.__name__} (gta/contract.py); "
+            f"{type(network).__name__} lacks {', '.join(missing)}"
+        )

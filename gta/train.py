@@ -28,7 +28,7 @@ from gta.engine.runtime import configure_cuda, ensure_writable, seed_everything
 from gta.engine.signals import STOP_SIGNALS, TrainingInterrupted
 from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import Trainer
-from gta.errors import MissingPathError
+from gta.errors import ConfigError, MissingPathError
 from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import (
     SweepParent,
@@ -175,7 +175,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         need_unlabeled=method.uses_unlabeled, rank=dist.rank, world_size=dist.world_size,
         pin_memory=dist.device.type == "cuda", val_batch_size=cfg.data.val_batch_size,
         prefetch_factor=cfg.data.prefetch_factor, on_bad_sample=cfg.data.on_bad_sample,
-        ignored_signals=STOP_SIGNALS,
+        ignored_signals=STOP_SIGNALS, views=view_pipelines(cfg, method), second_unlabeled=method.second_unlabeled,
     )
     validation = Validation(
         loaders.val, instantiate(cfg.eval), source.num_classes, source.ignore_index, list(source.class_names)
@@ -225,6 +225,18 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         if line:
             print(line)
     return reported
+
+
+def view_pipelines(cfg: DictConfig, method) -> dict:
+    """The pipelines of the unlabeled views the method reads besides the weak one, from ``data.views``."""
+    missing = [name for name in method.views if name not in cfg.data.views]
+    if missing:
+        raise ConfigError(
+            f"{type(method).__name__} reads the unlabeled views {', '.join(method.views)}, but data.views has no "
+            f"{', '.join(missing)} (it defines {', '.join(cfg.data.views) or 'none'}); define it in a config "
+            f"file (data: {{views: {{{missing[0]}: {{}}}}}} is the default photometric view)"
+        )
+    return {name: instantiate(cfg.data.views[name]) for name in method.views}
 
 
 def summary(trainer: Trainer, source, split, logger: Logger) -> str:

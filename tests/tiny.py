@@ -16,6 +16,10 @@ class TinySegmenter(nn.Module):
     def forward(self, x: torch.Tensor, mask_predictor: nn.Module | None = None) -> torch.Tensor:
         return (mask_predictor or self.head)(self.features(x))
 
+    def perturbed_forward(self, x: torch.Tensor, perturb) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return self.head(torch.cat([features, perturb(features)])).chunk(2)
+
     def new_mask_predictor(self) -> nn.Module:
         return nn.Conv2d(6, self.head.out_channels, 1)
 

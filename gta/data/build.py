@@ -9,7 +9,7 @@ import multiprocessing
 import random
 import signal
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,14 +23,14 @@ from gta.errors import ConfigError, DataError, MissingFilesError, MissingPathErr
 from .bad_samples import BadSamples, Guarded, ReportingLoader, replacing
 from .sampler import EpochSampler, derive_seed
 from .source import Sample, SegmentationFiles, SegmentationSource, read_list
-from .transforms import eval_transform, train_transform
+from .transforms import WithViews, eval_transform, train_transform
 
 __all__ = [
     "FAMILIES", "LISTS_DIR", "Loaders", "SplitData", "build_loaders", "build_val_loader", "published_list",
     "select_split", "split_params", "write_split",
 ]
 
-_LABELED_STREAM, _UNLABELED_STREAM = 0, 1
+_LABELED_STREAM, _UNLABELED_STREAM, _SECOND_UNLABELED_STREAM = 0, 1, 2
 
 #: the published labeled lists shipped with the package: ``<family>/<dataset>/<name>.txt`` (README.md there)
 LISTS_DIR = Path(__file__).resolve().parent / "splits"
@@ -271,6 +271,10 @@ class Loaders:
     iters_per_epoch: int
     #: the samples the loaders skipped (data.on_bad_sample), for the trainer to record
     bad_samples: BadSamples = field(default_factory=BadSamples)
+    #: a second, independently drawn unlabeled stream (``Method.second_unlabeled``)
+    second_unlabeled: DataLoader | None = None
+    #: the names of the views an unlabeled item carries after its weak view and padding mask, in order
+    views: tuple[str, ...] = ()
 
 
 def _ignore(signals: tuple[int, ...], worker_id: int) -> None:
@@ -353,8 +357,14 @@ def build_loaders(
     prefetch_factor: int | None = None,
     on_bad_sample: str = "skip",
     ignored_signals: tuple[int, ...] = (),
+    views: dict[str, Callable] | None = None,
+    second_unlabeled: bool = False,
 ) -> Loaders:
     """Training loaders for the labeled and unlabeled streams plus a validation loader.
+
+    An unlabeled item is its weak view (the labeled images' crop, rescale and flip) and its padding mask,
+    followed by each of ``views`` (name: pipeline, applied to the same crop: ``WithViews``).
+    ``second_unlabeled`` adds a second unlabeled stream of its own order and augmentations.
 
     An epoch is one pass over the unlabeled set (the labeled set if there is none); the labeled stream is
     repeated/reshuffled to the same number of iterations. Call ``loader.sampler.set_epoch(epoch, start)``
@@ -370,10 +380,10 @@ def build_loaders(
     bad_samples = BadSamples(on_bad_sample)
     epoch_set = split.unlabeled or split.labeled
     iters_per_epoch = math.ceil(len(epoch_set) / (batch_size * world_size))
-    augment = train_transform(
-        source.crop_size, source.scale_range, source.mean, source.std, source.ignore_index, source.flip,
-        source.pad_label, source.scale_pivot,
-    )  # fmt: skip
+    geometry = (source.crop_size, source.scale_range, source.mean, source.std, source.ignore_index, source.flip,
+                source.pad_label, source.scale_pivot)  # fmt: skip
+    augment = train_transform(*geometry)
+    augment_unlabeled = WithViews(views, *geometry) if views else augment
     common = {
         "num_workers": num_workers,
         "pin_memory": pin_memory,
@@ -383,8 +393,9 @@ def build_loaders(
 
     def train_loader(samples: list[Sample], stream: int, with_mask: bool) -> DataLoader:
         files = SegmentationFiles(
-            samples, augment, source.num_classes, source.ignore_index, source.label_lut, with_mask=with_mask
-        )
+            samples, augment if with_mask else augment_unlabeled, source.num_classes, source.ignore_index,
+            source.label_lut, with_mask=with_mask,
+        )  # fmt: skip
         # The order must be identical on all ranks (they take strided shares), so its seed ignores rank;
         # augmentation must differ per rank, so that seed includes it.
         sampler = _PositionedSampler(
@@ -410,11 +421,12 @@ def build_loaders(
         )
     labeled = train_loader(split.labeled, _LABELED_STREAM, with_mask=True)
     unlabeled = train_loader(split.unlabeled, _UNLABELED_STREAM, with_mask=False) if need_unlabeled else None
+    second = train_loader(split.unlabeled, _SECOND_UNLABELED_STREAM, with_mask=False) if second_unlabeled else None
 
     val = build_val_loader(
         source, split.val, val_batch_size, num_workers, rank, world_size, pin_memory, prefetch_factor, bad_samples
     )
-    return Loaders(labeled, unlabeled, val, iters_per_epoch, bad_samples)
+    return Loaders(labeled, unlabeled, val, iters_per_epoch, bad_samples, second, tuple(views or ()))
 
 
 def _check_prefetch(prefetch_factor: int | None, num_workers: int) -> None:

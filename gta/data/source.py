@@ -243,14 +243,17 @@ class SegmentationFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        """``(image, mask)``, followed by further views of the image when the transform makes them
+        (``gta.data.transforms.WithViews``)."""
         image, mask = self.read(index)
         if mask is None:
             mask = np.zeros(image.shape[:2], dtype=np.uint8)
         image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
-        image, mask = self.transform(image, tv_tensors.Mask(torch.from_numpy(mask)))
+        image, mask, *views = self.transform(image, tv_tensors.Mask(torch.from_numpy(mask)))
         # Plain tensors downstream: tv_tensor subclasses only matter to the transforms.
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+        plain = [image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()]
+        return tuple(plain + [view.as_subclass(torch.Tensor) for view in views])
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample ``index`` as read and checked, before any transform: the RGB image (``HxWx3`` uint8) and

@@ -6,7 +6,8 @@ both with the right interpolation and fill, and the randomness (drawn from torch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torchvision.transforms.v2 import functional as F
 
 from gta.errors import ConfigError
 
-__all__ = ["RandomRescale", "eval_transform", "train_transform"]
+__all__ = ["RandomRescale", "WithViews", "eval_transform", "photometric_view", "train_transform"]
 
 
 class RandomRescale(v2.Transform):
@@ -76,12 +77,83 @@ def train_transform(
     """Random rescale, horizontal flip and a ``crop_size`` crop; images smaller than the crop are padded
     with black pixels labelled ``ignore_index`` so the padding never counts as a class (``pad_label``
     labels them with that class instead, as the released code does with background: docs/algorithm.md §5.8)."""
+    steps = _geometric(crop_size, scale_range, ignore_index, flip, pad_label, scale_pivot)
+    return v2.Compose(steps + _to_float_and_normalize(mean, std))
+
+
+def _geometric(
+    crop_size: int | Sequence[int],
+    scale_range: Sequence[float],
+    ignore_index: int,
+    flip: bool,
+    pad_label: int | None,
+    scale_pivot: float | None,
+) -> list[v2.Transform]:
     steps: list[v2.Transform] = [RandomRescale(scale_range, scale_pivot)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     fill = ignore_index if pad_label is None else pad_label
     steps.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: fill}))
-    return v2.Compose(steps + _to_float_and_normalize(mean, std))
+    return steps
+
+
+class WithViews:
+    """The weak view of an unlabeled image (:func:`train_transform`) and further named views of the same
+    crop: each is the crop before normalisation through the view's own pipeline, then normalised.
+
+    Called on ``(image, mask)``, returns ``(weak, mask, *views)`` in the order of ``views``. The weak view
+    draws exactly the random numbers :func:`train_transform` draws; the views draw theirs after it.
+    """
+
+    def __init__(
+        self,
+        views: dict[str, Callable[[tv_tensors.Image], tv_tensors.Image]],
+        crop_size: int | Sequence[int],
+        scale_range: Sequence[float],
+        mean: Sequence[float],
+        std: Sequence[float],
+        ignore_index: int,
+        flip: bool = True,
+        pad_label: int | None = None,
+        scale_pivot: float | None = None,
+    ) -> None:
+        self.views = dict(views)
+        self.geometric = v2.Compose(_geometric(crop_size, scale_range, ignore_index, flip, pad_label, scale_pivot))
+        self.normalize = v2.Compose(_to_float_and_normalize(mean, std))
+
+    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple:
+        image, mask = self.geometric(image, mask)
+        weak, mask = self.normalize(image, mask)
+        # a view may be any function of the image tensor: its output is an image again for normalising
+        return (weak, mask, *(self.normalize(tv_tensors.Image(view(image))) for view in self.views.values()))
+
+
+def photometric_view(
+    jitter: Sequence[float],
+    jitter_prob: float,
+    grayscale_prob: float,
+    blur_prob: float,
+    blur_sigma: Sequence[float],
+) -> v2.Compose:
+    """A view that changes colours, not geometry (a "strong" view): with probability ``jitter_prob`` a
+    colour jitter of ``jitter`` = (brightness, contrast, saturation, hue), then grayscale with
+    ``grayscale_prob``, then with ``blur_prob`` a Gaussian blur of a standard deviation drawn uniformly
+    from ``blur_sigma`` (the kernel spans three of the largest on each side)."""
+    if len(jitter) != 4 or len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
+        raise ConfigError(
+            f"a view needs jitter = [brightness, contrast, saturation, hue] and blur_sigma = [low, high] with "
+            f"0 < low <= high; got jitter={list(jitter)}, blur_sigma={list(blur_sigma)}"
+        )
+    for name, p in (("jitter_prob", jitter_prob), ("grayscale_prob", grayscale_prob), ("blur_prob", blur_prob)):
+        if not 0 <= p <= 1:
+            raise ConfigError(f"a view's {name} must lie in [0, 1], got {p}")
+    brightness, contrast, saturation, hue = (float(v) for v in jitter)
+    kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
+    return v2.Compose([
+        v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_prob),
+        v2.RandomGrayscale(p=grayscale_prob),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(float(blur_sigma[0]), float(blur_sigma[1])))], p=blur_prob),
+    ])
 
 
 def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from gta.config import TrainerConfig
-from gta.contract import Batch, Method, Progress
+from gta.contract import Batch, Method, Progress, Unlabeled
 from gta.engine import checkpoint
 from gta.engine.bad_sample_log import BadSampleLog
 from gta.engine.checkpoint import Checkpointer, CheckpointError
@@ -158,12 +158,15 @@ class Trainer:
         self.bad_samples.record(self.loaders.bad_samples.take(), step, self.logger)
 
     def _batches(self, start_iter: int = 0) -> Iterator[Batch]:
-        """Labeled and unlabeled batches in lock-step; an epoch is one pass of the unlabeled sampler.
+        """Labeled and unlabeled batches (and the second unlabeled stream, when there is one) in lock-step;
+        an epoch is one pass of the unlabeled sampler.
 
         Starts ``start_iter`` iterations in, skipping that far into the epoch's sampler (to resume)."""
         loaders = [self.loaders.labeled]
         if self.method.uses_unlabeled:
             loaders.append(self.loaders.unlabeled)
+            if self.loaders.second_unlabeled is not None:
+                loaders.append(self.loaders.second_unlabeled)
         epoch, offset = divmod(start_iter, self.loaders.iters_per_epoch)
         while True:
             for loader in loaders:
@@ -181,7 +184,13 @@ class Trainer:
 
         batch = Batch(image=move(image), mask=move(mask))
         if unlabeled:
-            batch.unlabeled, batch.unlabeled_mask = (move(t) for t in unlabeled[0])
+            # each unlabeled item: the weak view, its padding mask, then the named views (Loaders.views)
+            first, *second = (
+                Unlabeled(move(u), move(m), {n: move(v) for n, v in zip(self.loaders.views, views, strict=True)})
+                for u, m, *views in unlabeled
+            )
+            batch.unlabeled, batch.unlabeled_mask, batch.views = first.image, first.mask, first.views
+            batch.second = second[0] if second else None
         return batch
 
     # --- evaluation ------------------------------------------------------------------------------

@@ -5,5 +5,6 @@ from gta.methods.gta import GTASeg
 from gta.methods.mean_teacher import MeanTeacher
 from gta.methods.suponly import SupOnly
 from gta.methods.unbiased_st import UnbiasedST
+from gta.methods.unimatch import UniMatch
 
-__all__ = ["GTASeg", "MeanTeacher", "SupOnly", "UnbiasedST"]
+__all__ = ["GTASeg", "MeanTeacher", "SupOnly", "UnbiasedST", "UniMatch"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -131,6 +131,22 @@ class Segmenter(nn.Module):
         if mask_predictor is None:
             return self.net(x)[..., :h, :w]
         return mask_predictor(self.net.decoder(self.net.encoder(x)))[..., :h, :w]
+
+    def perturbed_forward(
+        self, x: torch.Tensor, perturb: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of ``x`` and those decoded from its encoder features after ``perturb``
+        (``gta.contract.PerturbedDecoding``): one encoder pass, then one decoder pass over the clean and the
+        perturbed features together. Every feature map the encoder hands the decoder is perturbed
+        (DeepLabV3+ reads two: the 1/4-resolution low-level one and the deepest)."""
+        h, w = x.shape[-2:]
+        d = self.size_divisor
+        x = F.pad(x, (0, (-w) % d, 0, (-h) % d))
+        features = self.net.encoder(x)
+        both = [torch.cat([f, perturb(f)]) for f in features]
+        logits = self.net.segmentation_head(self.net.decoder(both))[..., :h, :w]
+        clean, perturbed = logits.chunk(2)
+        return clean, perturbed
 
     def new_mask_predictor(self) -> nn.Module:
         """A freshly initialised second g for this network's f (Unbiased ST's pseudo head)."""
