@@ -79,8 +79,8 @@ def test_best_checkpoint_is_kept(source, tmp_path):
     trainer.fit()
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     # the model reported at each evaluation: the student during the warm-up, the teacher after it
-    reported = {r.step: trainer.method.reported_at(Progress(r.step, trainer.loaders.iters_per_epoch)) for r in trainer.history}
-    scores = {r.step: r.miou[reported[r.step]] for r in trainer.history}
+    per_epoch = trainer.loaders.iters_per_epoch
+    scores = {r.step: r.miou[trainer.method.reported_at(Progress(r.step, per_epoch))] for r in trainer.history}
     assert best["best"] == {"step": max(scores, key=scores.get), "miou": max(scores.values())}
     assert best["iteration"] == best["best"]["step"]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["best"] == best["best"]
