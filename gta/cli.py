@@ -58,17 +58,21 @@ def hydra_command(name: str, module: str) -> Callable[[], Any]:
     return command
 
 
-def report() -> None:
-    """Tabulate a sweep like the paper (``python -m gta report --help``)."""
-    from gta.report import main as report_main
+def plain_command(module: str) -> Callable[[], None]:
+    """A command of its own arguments (``python -m gta <command> --help``): ``gta.<module>.main``, a user
+    error ending it with its message alone and exit status 1."""
 
-    try:
-        report_main(sys.argv[1:])
-    except UserError as error:
-        if full_error():
-            raise
-        print(error, file=sys.stderr)
-        sys.exit(1)
+    def command() -> None:
+        main = importlib.import_module(f"gta.{module}").main
+        try:
+            main(sys.argv[1:])
+        except UserError as error:
+            if full_error():
+                raise
+            print(error, file=sys.stderr)
+            sys.exit(1)
+
+    return command
 
 
 COMMANDS = {
@@ -77,7 +81,8 @@ COMMANDS = {
     "eval": hydra_command("eval", "eval"),
     "predict": hydra_command("predict", "predict"),
     "export": hydra_command("export", "export"),
-    "report": report,
+    "report": plain_command("report"),
+    "sync": plain_command("sync"),
 }
 USAGE = "usage: python -m gta {" + ",".join(COMMANDS) + "} [key=value ...] [--multirun] [--help]"
 

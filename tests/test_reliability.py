@@ -251,7 +251,7 @@ def test_tracking_failing_mid_run_loses_no_metrics(hydra_conf, store, tmp_path, 
     with pytest.warns(RuntimeWarning) as record:
         run(compose("train", overrides=tracked(store, tmp_path, "flaky")), tmp_path / "run")
     monkeypatch.undo()
-    fallback = tmp_path / "run" / "unsent_metrics.jsonl"
+    fallback = tmp_path / "run" / "unsent_tracking.jsonl"
     messages = " ".join(str(w.message) for w in record)
     assert "tracking server went away; keeping them in memory and retrying" in messages
     assert f"written to {fallback}" in messages
@@ -260,8 +260,9 @@ def test_tracking_failing_mid_run_loses_no_metrics(hydra_conf, store, tmp_path, 
     (tracking_run,) = client.search_runs([client.get_experiment_by_name("flaky").experiment_id])
     unsent = [json.loads(line) for line in fallback.read_text().splitlines()]
     assert steps(client, tracking_run.info.run_id) == [1, 2]
-    assert sorted(r["step"] for r in unsent if r["key"] == "train/student/loss_l") == [3, 4, 5, 6]
+    assert sorted(r["step"] for r in unsent if r.get("key") == "train/student/loss_l") == [3, 4, 5, 6]
     assert {r["run_id"] for r in unsent} == {tracking_run.info.run_id}
+    assert unsent[-1]["status"] == "FINISHED"  # the run's end waits behind what it logged
 
 
 def test_resume_continues_the_same_tracking_run(hydra_conf, store, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.mlflow import (
     CHANGED_PARAM_TAG_PREFIX,
-    UNSENT_METRICS_FILE,
+    UNSENT_FILE,
     MLflowLogger,
     check_reachable,
     default_tracking_uri,
@@ -108,8 +108,8 @@ def test_resume_continues_the_same_run(store, client, tmp_path):
         warnings.simplefilter("always")
         second.log_params({"lr": 0.1, "seed": 2})  # same value: no-op; changed value: kept as a tag
     assert not tracking_warnings(record)
-    for step in (2, 3):
-        second.log_metrics({"loss": float(step)}, step=step)
+    for step in (1, 2, 3):  # step 1, logged before the checkpoint was lost and trained again, is not logged twice
+        second.log_metrics({"loss": float(step), "miou": 0.5}, step=step)
     second.close()
 
     runs = client.search_runs([first.experiment_id])
@@ -119,6 +119,62 @@ def test_resume_continues_the_same_run(store, client, tmp_path):
     assert run.data.params == {"lr": "0.1", "seed": "1"}
     assert run.data.tags[CHANGED_PARAM_TAG_PREFIX + "seed"] == "2"
     assert history(client, first.run_id, "loss") == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    assert history(client, first.run_id, "miou") == [(1, 0.5), (2, 0.5), (3, 0.5)]  # a new key: every step
+
+
+def test_what_a_dead_store_kept_is_sent_later(store, client, tmp_path, monkeypatch):
+    """What could not be sent (values, params, tags, files, pictures, the run's end) goes to the fallback file in
+    order; ``gta sync`` sends it and removes the file, a store still away leaves the file whole, and a resumed
+    run sends its own file first."""
+    from gta.sync import main as sync
+
+    def away(*args, **kwargs):
+        raise ConnectionError("server away")
+
+    logger = MLflowLogger(store, experiment_name="later", fallback_dir=tmp_path / "a", retry_interval=0)
+    logger.log_metrics({"loss": 1.0}, step=1)
+    monkeypatch.setattr(MlflowClient, "log_batch", away)
+    with pytest.warns(RuntimeWarning):
+        logger.log_metrics({"loss": 2.0, "miou": 0.5}, step=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.log_params({"lr": 0.1})
+        logger.set_tags({"stage": "outage"})
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "config.yaml").write_text("lr: 0.1\n")
+        logger.log_artifact(tmp_path / "a" / "config.yaml")
+        logger.log_image(np.full((4, 4, 3), 9, dtype=np.uint8), "pictures/step2.png")
+    with pytest.warns(RuntimeWarning, match=r"6 records and the run's end \(FINISHED\) could not be sent.*gta sync"):
+        logger.close()
+    kept = tmp_path / "a" / UNSENT_FILE
+    assert client.get_run(logger.run_id).info.status == "RUNNING"
+
+    with pytest.raises(ConnectionError, match=f"could not send {kept} to run {logger.run_id} at {store}"):
+        sync([str(tmp_path)])
+    assert len(kept.read_text().splitlines()) == 7  # nothing lost
+    monkeypatch.undo()
+    sync([str(tmp_path)])
+    assert not kept.exists()
+    run = client.get_run(logger.run_id)
+    assert history(client, logger.run_id, "loss") == [(1, 1.0), (2, 2.0)]
+    assert history(client, logger.run_id, "miou") == [(2, 0.5)]
+    assert run.data.params == {"lr": "0.1"} and run.data.tags["stage"] == "outage"
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(logger.run_id)} == {"config.yaml", "pictures"}
+    assert [a.path for a in client.list_artifacts(logger.run_id, "pictures")] == ["pictures/step2.png"]
+
+    killed = MLflowLogger(store, experiment_name="later", fallback_dir=tmp_path / "b", retry_interval=0)
+    monkeypatch.setattr(killed._client, "log_batch", away)
+    with pytest.warns(RuntimeWarning):
+        killed.log_metrics({"loss": 3.0}, step=3)
+        killed.close("KILLED")
+    monkeypatch.undo()
+    assert (tmp_path / "b" / UNSENT_FILE).is_file()
+    resumed = MLflowLogger(store, run_id=killed.run_id, fallback_dir=tmp_path / "b")
+    assert not (tmp_path / "b" / UNSENT_FILE).exists()
+    resumed.log_metrics({"loss": 3.5}, step=3)  # step 3 arrived late, and is not logged again
+    resumed.close()
+    assert history(client, killed.run_id, "loss") == [(3, 3.0)]
 
 
 def test_failed_sends_are_retried(store, client, tmp_path, monkeypatch):
@@ -135,14 +191,15 @@ def test_failed_sends_are_retried(store, client, tmp_path, monkeypatch):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         logger.log_metrics({"loss": 2.0}, step=2)  # still down: one warning per outage, not per call
-        logger.log_params({"x": 1})  # other calls warn but do not raise either
-    assert len(tracking_warnings(record)) == 1
+        logger.log_params({"x": 1})  # params wait with the values, and raise nothing either
+    assert not tracking_warnings(record)
 
     monkeypatch.undo()
     logger.log_metrics({"loss": 3.0}, step=3)
     logger.close()
     assert history(client, logger.run_id, "loss") == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
-    assert not (tmp_path / UNSENT_METRICS_FILE).exists()
+    assert client.get_run(logger.run_id).data.params == {"x": "1"}
+    assert not (tmp_path / UNSENT_FILE).exists()
 
 
 def test_unsent_metrics_go_to_the_fallback_file(store, client, tmp_path, monkeypatch):
@@ -154,13 +211,13 @@ def test_unsent_metrics_go_to_the_fallback_file(store, client, tmp_path, monkeyp
     monkeypatch.setattr(logger._client, "log_batch", disk_full)
     with pytest.warns(RuntimeWarning, match="disk full"):
         logger.log_metrics({"loss": 0.5, "miou": 0.25}, step=7)
-    with pytest.warns(RuntimeWarning, match=UNSENT_METRICS_FILE):
+    with pytest.warns(RuntimeWarning, match=UNSENT_FILE):
         logger.close("FAILED")
 
-    records = [json.loads(line) for line in (fallback / UNSENT_METRICS_FILE).read_text().splitlines()]
-    assert {(r["key"], r["value"], r["step"]) for r in records} == {("loss", 0.5, 7), ("miou", 0.25, 7)}
-    assert {r["run_id"] for r in records} == {logger.run_id}
-    assert client.get_run(logger.run_id).info.status == "FAILED"
+    *values, end = [json.loads(line) for line in (fallback / UNSENT_FILE).read_text().splitlines()]
+    assert {(r["key"], r["value"], r["step"]) for r in values} == {("loss", 0.5, 7), ("miou", 0.25, 7)}
+    assert end == {"tracking_uri": store, "run_id": logger.run_id, "status": "FAILED"}
+    assert {r["run_id"] for r in values} == {logger.run_id}
 
 
 def test_unreachable_server_fails_fast():

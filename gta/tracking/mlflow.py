@@ -5,9 +5,10 @@ API, so no process-global "active run" exists: several loggers can coexist in on
 tests) and nothing leaks between them.
 
 Start-up problems (unreachable server, unwritable store) fail loudly at construction, before any
-training time is spent. Once the run exists, tracking problems only warn: metrics that cannot be
-sent are kept in memory, retried, and written to ``unsent_metrics.jsonl`` if the run ends before the
-store comes back.
+training time is spent. Once the run exists, tracking problems only warn: what cannot be sent (metric
+values, params, tags, files, pictures, the run's end) waits in memory, in order, and is retried; what is
+still unsent when the run ends is written to ``unsent_tracking.jsonl`` in the run directory. A resumed run
+sends that file first; ``python -m gta sync`` sends it for a run that is over (:func:`replay_unsent`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shlex
 import time
 import warnings
 from collections.abc import Mapping
+from itertools import takewhile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 _SQLITE_PREFIX = "sqlite:///"
 #: tag prefix under which a param that changed value on resume is recorded (params are immutable)
 CHANGED_PARAM_TAG_PREFIX = "changed_param."
-UNSENT_METRICS_FILE = "unsent_metrics.jsonl"
+#: what a run could not send to its store (metric values, params, tags, files, its end), for a later try
+UNSENT_FILE = "unsent_tracking.jsonl"
 #: MLflow's experiment tag that tells its UI what the experiment holds
 EXPERIMENT_KIND = "mlflow.experimentKind"
 
@@ -105,6 +108,12 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         ) from e
 
 
+def chunks(values: dict[str, str]) -> list[dict[str, str]]:
+    """``values`` in pieces of as many as one MLflow request takes."""
+    items = list(values.items())
+    return [dict(items[i : i + MAX_PARAMS_TAGS_PER_BATCH]) for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH)]
+
+
 def _describe(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= 500 else text[:500] + "..."
@@ -144,7 +153,8 @@ class MLflowLogger(Logger):
         self.retry_interval = retry_interval
         self.connect_timeout = connect_timeout
         self._client = MlflowClient(uri)
-        self._pending: list[Metric] = []
+        self._pending: list[dict] = []  # records for send(), in order
+        self._logged: dict[str, int] = {}
         self._failing = False  # a send failed and has not succeeded since: warn once per outage
         self._next_attempt = 0.0
         self._closed = False
@@ -153,8 +163,18 @@ class MLflowLogger(Logger):
         if parent_run_id:
             extra_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if run_id:
+            unsent = self.fallback_dir / UNSENT_FILE
+            if unsent.is_file():
+                try:
+                    replay_unsent(unsent)
+                except UnreachableServerError as e:
+                    self._warn(f"could not send {unsent} (kept)", e)
             run = self._client.get_run(run_id)
             self._client.update_run(run_id, "RUNNING")
+            # the last step of each metric already there: a step logged after the checkpoint this run resumes
+            # from is trained again, and is not logged twice
+            self._logged = {key: max(m.step for m in self._client.get_metric_history(run_id, key))
+                            for key in run.data.metrics}
             if extra_tags:
                 tag_list = [RunTag(k, v) for k, v in extra_tags.items()]
                 self._client.log_batch(run_id, tags=tag_list, synchronous=True)
@@ -204,50 +224,35 @@ class MLflowLogger(Logger):
             f"MLflow at {self.tracking_uri}: {what}: {_describe(error)}{then}", RuntimeWarning, stacklevel=3
         )
 
-    # --- metrics ---------------------------------------------------------------------------------
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), now, int(step)) for key, value in metrics.items())
+    # --- sending: one buffer of records, sent in order -------------------------------------------
+    def _queue(self, *records: dict) -> None:
+        """Buffer records and send the buffer, unless a failed send is waiting out ``retry_interval``."""
+        self._pending.extend(records)
         if time.monotonic() >= self._next_attempt:
             self._send_pending()
 
     def _send_pending(self, warn: bool = True) -> BaseException | None:
-        """Send buffered metrics in MLflow-sized batches; a batch leaves the buffer once it is stored.
-
-        Returns the error that stopped it, if any. Warns once per outage, not at every retry.
-        """
+        """Send the buffer (:func:`send`); returns the error that stopped it, if any. Warns once per outage, not
+        at every retry."""
         try:
             if _is_http(self.tracking_uri):
                 # Probe cheaply first: a real request to a dead server blocks for minutes of MLflow retries.
                 check_reachable(self.tracking_uri, self.connect_timeout)
-            while self._pending:
-                batch = self._pending[:MAX_METRICS_PER_BATCH]
-                self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
-                del self._pending[: len(batch)]
+            send(self._client, self.run_id, self._pending)
         except Exception as e:
             self._next_attempt = time.monotonic() + self.retry_interval
             if warn and not self._failing:
-                self._warn(
-                    f"could not log {len(self._pending)} metric values", e,
-                    "; keeping them in memory and retrying",
-                )
+                self._warn(f"could not log {len(self._pending)} records", e, "; keeping them in memory and retrying")
             self._failing = True
             return e
         self._failing = False
         return None
 
-    def _write_unsent(self) -> Path:
-        """Append the buffered metrics as JSON lines (run_id, key, value, step, timestamp) to replay later."""
-        self.fallback_dir.mkdir(parents=True, exist_ok=True)
-        path = self.fallback_dir / UNSENT_METRICS_FILE
-        with path.open("a") as f:
-            for m in self._pending:
-                record = {"run_id": self.run_id, "key": m.key, "value": m.value, "step": m.step,
-                          "timestamp": m.timestamp}
-                f.write(json.dumps(record) + "\n")
-        return path
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._queue(*({"key": key, "value": float(value), "step": int(step), "timestamp": now}
+                      for key, value in metrics.items() if self._logged.get(key, -1) < step))
 
-    # --- params, tags, files ---------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params; re-logging a param with its current value is a no-op.
 
@@ -263,52 +268,100 @@ class MLflowLogger(Logger):
                 new[key] = value
             elif old != value:
                 changed[CHANGED_PARAM_TAG_PREFIX + key] = value
-        unsent = list(new.items())
-        try:
-            while unsent:
-                batch = unsent[:MAX_PARAMS_TAGS_PER_BATCH]
-                self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in batch], synchronous=True)
-                self._params.update(batch)
-                del unsent[: len(batch)]
-        except Exception as e:
-            self._warn(f"could not log {len(unsent)} params", e)
+        self._params.update(new)
+        self._queue(*({"params": chunk} for chunk in chunks(new)))
         if changed:
             self.set_tags(changed)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        try:
-            for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-                self._client.log_batch(self.run_id, tags=items[start : start + MAX_PARAMS_TAGS_PER_BATCH],
-                                       synchronous=True)
-        except Exception as e:
-            self._warn(f"could not set tags {list(tags)}", e)
+        self._queue(*({"tags": chunk} for chunk in chunks({k: str(v) for k, v in tags.items()})))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        try:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as e:
-            self._warn(f"could not log artifact {path}", e)
+        self._queue({"artifact": str(Path(path).absolute()), "artifact_path": artifact_path})
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        """Written to ``artifact_file`` under the fallback directory (the run directory) first: there on disk,
+        and sent from there, now or later."""
+        from PIL import Image
+
+        path = self.fallback_dir / artifact_file
         try:
-            self._client.log_image(self.run_id, image, artifact_file)
-        except Exception as e:
-            self._warn(f"could not log image {artifact_file}", e)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+        except OSError as e:
+            self._warn(f"could not write image {path}", e)
+            return
+        self._queue({"artifact": str(path), "artifact_path": str(Path(artifact_file).parent) or None})
 
     # --- end -------------------------------------------------------------------------------------
     def close(self, status: str = "FINISHED") -> None:
-        """Send what is still buffered (else write it to the fallback file) and end the run; idempotent."""
+        """Send what is still buffered and end the run; what cannot be sent, the end included, is written to
+        the fallback file for :func:`replay_unsent`. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._pending and (error := self._send_pending(warn=False)) is not None:
-            try:
-                where = f"written to {self._write_unsent()}"
-            except OSError as e:
-                where = f"LOST (could not write them to {self.fallback_dir}: {e})"
-            self._warn(f"{len(self._pending)} metric values could not be sent", error, f"; {where}")
+        self._pending.append({"status": status})
+        if (error := self._send_pending(warn=False)) is None:
+            return
+        what = f"{len(self._pending) - 1} records and the run's end ({status})"
         try:
-            self._client.set_terminated(self.run_id, status)
+            path = self.fallback_dir / UNSENT_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            where = {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+            with path.open("a") as f:
+                f.writelines(json.dumps({**where, **record}) + "\n" for record in self._pending)
+            where = f"written to {path}; `python -m gta sync {path.parent}` sends them"
+        except OSError as e:
+            where = f"LOST (could not write them to {self.fallback_dir}: {e})"
+        self._warn(f"{what} could not be sent", error, f"; {where}")
+
+
+def send(client: MlflowClient, run_id: str, records: list[dict]) -> None:
+    """Store ``records`` in run ``run_id`` in order: metric values (key, value, step, timestamp; in MLflow-sized
+    batches), params, tags, files (artifact, artifact_path) and the run's end (status). Each leaves the list
+    once stored, so that what an error stops is still there."""
+    while records:
+        first = records[0]
+        count = 1
+        if "key" in first:
+            batch = list(takewhile(lambda r: "key" in r, records[:MAX_METRICS_PER_BATCH]))
+            metrics = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in batch]
+            client.log_batch(run_id, metrics=metrics, synchronous=True)
+            count = len(batch)
+        elif "params" in first:
+            client.log_batch(run_id, params=[Param(k, v) for k, v in first["params"].items()], synchronous=True)
+        elif "tags" in first:
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in first["tags"].items()], synchronous=True)
+        elif "artifact" in first:
+            client.log_artifact(run_id, first["artifact"], first["artifact_path"])
+        else:
+            client.set_terminated(run_id, first["status"])
+        del records[:count]
+
+
+def replay_unsent(path: Path) -> dict[str, int]:
+    """Send what a fallback file kept to the runs it names (:func:`send`) and remove the file. Returns the
+    number of records sent per run. A store that still cannot be reached raises
+    :class:`UnreachableServerError` naming it; the file then keeps what was not sent."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            runs.setdefault((record.pop("tracking_uri"), record.pop("run_id")), []).append(record)
+    sent: dict[str, int] = {}
+    for (uri, run_id), records in runs.items():
+        count = len(records)
+        try:
+            if _is_http(uri):
+                check_reachable(uri)
+            send(MlflowClient(uri), run_id, records)
         except Exception as e:
-            self._warn(f"could not mark run {self.run_id} {status}", e)
+            left = [{"tracking_uri": u, "run_id": i, **r} for (u, i), kept in runs.items() for r in kept]
+            path.write_text("".join(json.dumps(r) + "\n" for r in left))
+            raise UnreachableServerError(
+                f"could not send {path} to run {run_id} at {uri} ({_describe(e)}); the {len(left)} records not "
+                "sent are kept there"
+            ) from e
+        sent[run_id] = count
+    path.unlink()
+    return sent
