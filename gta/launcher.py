@@ -6,6 +6,8 @@ class is ``hydra_plugins.gta_launcher.SlurmLauncher``: Hydra finds launchers in 
 - The sweep waits for every job, not only up to the first failure: a failed grid point fails alone, named with
   its overrides and its log, the others finish, and the sweep's MLflow parent run records which failed.
 - submitit's job-status poll (``sacct``) warns once per kind of trouble, not at every poll.
+- A suspended job (``scontrol suspend``, or a cluster that preempts by suspending) is waited for: submitit
+  would take it for a job that is over, and its result for lost.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ SETTINGS = {
 HINTS = {"partition": "partition", "account": "account", "generic resource": "gpus_per_node",
          "gpu": "gpus_per_node", "time limit": "timeout_min", "memory": "mem_gb",
          "node configuration": "cpus_per_task, mem_gb or gpus_per_node"}
+
+
+#: SLURM states of a job that is not over which submitit takes for an end
+NOT_OVER = {"SUSPENDED", "STOPPED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "CONFIGURING", "STAGE_OUT"}
+
+
+def over(job) -> bool:
+    """Whether a submitit job has ended (its result written, or SLURM says it ended)."""
+    return job.done() and (job.paths.result_pickle.exists() or job.state.upper() not in NOT_OVER)
 
 
 class SweepFailed(CompactHydraException):

@@ -15,7 +15,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf
 
-from gta.launcher import JobFailed, SweepFailed, last_line, quiet_status_polls, rejection
+from gta.launcher import JobFailed, SweepFailed, last_line, over, quiet_status_polls, rejection
 from gta.tracking.sweep import grid_keys, grid_point, note_failed_jobs
 
 
@@ -55,7 +55,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
             raise SweepFailed(rejection(str(e), folder)) from None
         print(f"[sweep] {len(jobs)} job(s) as SLURM array {jobs[0].job_id.split('_')[0]}; logs in {folder}")
 
-        while not all(job.done() for job in jobs):
+        while not all(over(job) for job in jobs):
             time.sleep(1)
         returns, failures, grid = [], [], grid_keys(self.config)
         for job, overrides, number in zip(jobs, job_overrides, numbers, strict=True):

@@ -1,8 +1,7 @@
 """Sweeps on a real SLURM cluster with accounting and a real MLflow tracking server (PostgreSQL behind it), both
 started by ``scripts/cluster.sh`` (``make test`` starts and stops them). Without them these tests skip, naming
-what is missing; under CI (``CI=true``) they fail instead.
-
-Every sweep trains seconds-long runs of the tiny synthetic dataset, one CPU per job."""
+what is missing; under CI (``CI=true``) they fail instead. The time-limit case is in test_cluster_timelimit.py,
+so that it runs beside these."""
 
 from __future__ import annotations
 
@@ -13,123 +12,18 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import GTA, ROOT, environment, gta, tiny
+from cluster import CLUSTER, accounting, children, finish, interrupt, job_ids, slurm, sweep, teacher, tracked, wait_for
+from helpers import ROOT, environment, gta, tiny
 from mlflow import MlflowClient
 
-from gta.tracking.sweep import SweepParent
+from gta.tracking.mlflow import UNSENT_FILE
 
 pytestmark = pytest.mark.slow
-CLUSTER = ROOT / "scripts" / "cluster.sh"
-
-
-@pytest.fixture(scope="module")
-def lab():
-    """The variables that reach the cluster and the server, in this process's environment for the module."""
-    found = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True)
-    if found.returncode != 0:
-        why = f"needs the local SLURM cluster and MLflow server ({found.stderr.strip()})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{why}: make test starts them under CI")
-        pytest.skip(why)
-    variables = dict(line.split("=", 1) for line in found.stdout.split())
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in variables.items():
-            patch.setenv(key, value)
-        yield variables
-
-
-def slurm(*extra: str) -> list[str]:
-    """launcher=slurm on the local cluster's CPU partition, one CPU per job."""
-    return ["launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-            "hydra.launcher.timeout_min=10", *extra]
-
-
-def tracked(lab, name: str) -> list[str]:
-    """Log to the tracking server, into an experiment of this test's own."""
-    return ["logger=mlflow", f"logger.tracking_uri={lab['GTA_CLUSTER_TRACKING_URI']}",
-            f"logger.experiment_name={name}-{uuid.uuid4().hex[:8]}", "trainer.snapshot_images=0"]
-
-
-def sweep(sweep_dir: Path, *overrides: str, returncode: int | None = 0) -> subprocess.CompletedProcess:
-    return gta("train", "--multirun", f"hydra.sweep.dir={sweep_dir}", *overrides, returncode=returncode)
-
-
-@pytest.fixture
-def start_sweep():
-    """Starts a sweep in the background (its output in ``<sweep dir>.log``); a sweep still running when the
-    test ends is stopped, its jobs cancelled."""
-    started: list[tuple[subprocess.Popen, Path]] = []
-
-    def start(sweep_dir: Path, *overrides: str) -> subprocess.Popen:
-        log = (sweep_dir.parent / f"{sweep_dir.name}.log").open("w")
-        process = subprocess.Popen([*GTA, "train", "--multirun", f"hydra.sweep.dir={sweep_dir}", *overrides],
-                                   cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT, text=True)
-        started.append((process, sweep_dir))
-        return process
-
-    yield start
-    for process, sweep_dir in started:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(30)
-            arrays = {job.split("_")[0] for job in job_ids(sweep_dir, None, timeout=0)}
-            subprocess.run(["scancel", *arrays], check=False)
-
-
-def finish(process: subprocess.Popen, sweep_dir: Path, timeout: float = 300) -> str:
-    process.wait(timeout)
-    out = (sweep_dir.parent / f"{sweep_dir.name}.log").read_text()
-    assert process.returncode == 0, out[-5000:]
-    return out
-
-
-def job_ids(sweep_dir: Path, count: int | None, timeout: float = 60) -> list[str]:
-    """The SLURM ids of a sweep's ``count`` jobs (None: those there now), once submitted: ``<array>_<index>``, or
-    the job's own for a single job."""
-    folder = sweep_dir / ".submitit"
-    end = time.monotonic() + timeout
-    while True:
-        ids = sorted((p.parent.name for p in folder.glob("*/*_submitted.pkl")),
-                     key=lambda i: [int(n) for n in reversed(i.split("_"))])
-        if count is None or len(ids) == count:
-            return ids
-        if time.monotonic() > end:
-            raise AssertionError(f"{count} jobs never appeared in {folder}: {ids}")
-        time.sleep(0.5)
-
-
-def accounting(job: str) -> list[dict[str, str]]:
-    """sacct's records of ``job`` (an array: every task), as submitit reads them."""
-    out = subprocess.run(["sacct", "-X", "-P", "-j", job, "-o", "JobID,State,Submit,Start,End,ExitCode"], check=True,
-                         capture_output=True, text=True).stdout.splitlines()
-    keys = out[0].split("|")
-    return [dict(zip(keys, line.split("|"), strict=True)) for line in out[1:]]
-
-
-def wait_for(condition, what: str, timeout: float = 120, every: float = 0.3):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := condition():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"waited {timeout} s for {what}")
-
-
-def children(lab, sweep_dir: Path):
-    parent = SweepParent.read(sweep_dir)
-    client = MlflowClient(lab["GTA_CLUSTER_TRACKING_URI"])
-    runs = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
-    return client, parent, runs
-
-
-def teacher(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "teacher.pt", map_location="cpu", weights_only=True)
 
 
 # --- 1. a table as one job array, nested under one parent run, reported -----------------------------------------
@@ -197,16 +91,6 @@ def test_a_failing_job_fails_alone_and_a_rerun_trains_only_it(lab, tmp_path):
 
 
 # --- 2. preemption and requeue resume in the same run directory and MLflow run -----------------------------------
-def interrupt(job: str, log: Path) -> None:
-    """A preemption as submitit's ``SlurmJob._interrupt()`` makes it: SIGTERM, then SIGUSR2, each sent with
-    ``scancel --signal``. Sent back to back, the second was lost once in two tries (slurmstepd had marked the step
-    cancelled), so each is sent once the job's log says the one before arrived."""
-    subprocess.run(["scancel", "--signal=TERM", job], check=True)
-    wait_for(lambda: "Bypassing signal SIGTERM" in log.read_text(), "SIGTERM to reach the job", timeout=30)
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    wait_for(lambda: "Caught signal SIGUSR2" in log.read_text(), "SIGUSR2 to reach the job", timeout=30)
-
-
 ITERS, EVERY = 60, 10
 
 
@@ -242,12 +126,12 @@ def test_preempted_and_requeued_jobs_resume_to_the_same_teacher(lab, tmp_path, s
         state = teacher(run_dir)
         assert state.keys() == reference.keys()
         assert all(torch.equal(state[k], reference[k]) for k in reference), f"{run_dir}'s teacher differs"
-        # one history in one run: every logged step there, across the requeue (a step logged after the last
-        # checkpoint that a hard kill lost is trained and logged again on resume, so it may stand twice)
+        # one history in one run: every logged step there once, across the requeue (a step logged after the last
+        # checkpoint, lost to a hard kill and trained again on resume, is not logged again)
         record = json.loads((run_dir / "result.json").read_text())
         assert client.get_run(record["run_id"]).info.status == "FINISHED"
         history = client.get_metric_history(record["run_id"], "train/student/loss_l")
-        assert sorted({m.step for m in history}) == list(range(EVERY, ITERS + 1, EVERY))
+        assert sorted(m.step for m in history) == list(range(EVERY, ITERS + 1, EVERY))
     assert len(children(lab, sweep_dir)[2]) == 3
 
 
@@ -270,32 +154,46 @@ def test_two_task_job_matches_torchrun(lab, tmp_path):
 
 # --- 5. the tracking server dies mid-sweep and comes back: nothing is lost ----------------------------------------
 def test_server_outage_loses_no_metric(lab, tmp_path, start_sweep):
+    """The server killed while two jobs train. Job 0 ends during the outage: what it could not send (its last
+    values, files and end) waits in its run directory until ``gta sync``. Job 1, suspended by SLURM once it has
+    seen the outage, resumes after the server is back and sends what it buffered."""
     sweep_dir = tmp_path / "sweep"
-    iters = 300  # training outlasts the outage
-    process = start_sweep(sweep_dir, "seed=0,1", *tiny(tmp_path / "data", iters=iters, logger=None), *slurm(),
-                          *tracked(lab, "outage"), "logger.retry_interval=2", "trainer.log_every=10")
-    job_ids(sweep_dir, 2)
+    iters = {0: 150, 1: 300}
+    process = start_sweep(sweep_dir, *tiny(tmp_path / "data", logger=None), f"trainer.iters={iters[0]},{iters[1]}",
+                          *slurm(), *tracked(lab, "outage"), "logger.retry_interval=2", "trainer.log_every=10")
+    jobs = job_ids(sweep_dir, 2)
+    logs = {i: sweep_dir / ".submitit" / job / f"{job}_0_log.err" for i, job in enumerate(jobs)}
 
     def training():  # both runs exist and log their losses: the outage falls on training, not on start-up
         client, _, runs = children(lab, sweep_dir)
         return len(runs) == 2 and all(client.get_metric_history(r.info.run_id, "lr/student") for r in runs)
 
     wait_for(training, "both jobs to train", timeout=180, every=1)
-    pid_file = Path(lab["SLURM_CONF"]).parents[1] / "run" / "mlflow.pid"
-    pid = int(pid_file.read_text())
+    pid = int((Path(lab["SLURM_CONF"]).parents[1] / "run" / "mlflow.pid").read_text())
     os.killpg(pid, signal.SIGKILL)  # the server dies without a word
     killed = time.monotonic()
-    time.sleep(5)
+    wait_for(lambda: "could not log" in logs[1].read_text(), "job 1 to see the outage", timeout=60)
+    subprocess.run(["scontrol", "suspend", jobs[1]], check=True)
+    wait_for(lambda: (sweep_dir / "0" / "result.json").is_file(), "job 0 to end", timeout=180)
+    kept = sweep_dir / "0" / UNSENT_FILE
+    assert kept.is_file() and "sync" in logs[0].read_text()
     subprocess.run([str(CLUSTER), "start"], check=True, capture_output=True, timeout=300)
+    subprocess.run(["scontrol", "resume", jobs[1]], check=True)
     print(f"tracking server down for {time.monotonic() - killed:.0f} s")
     finish(process, sweep_dir, timeout=400)
-    logs = " ".join(path.read_text() for path in (sweep_dir / ".submitit").glob("*/*_log.err"))
-    assert "could not log" in logs  # the outage was noticed, while training
-    assert not list(sweep_dir.glob("*/unsent_metrics.jsonl"))  # and everything sent in the end
+    assert not (sweep_dir / "1" / UNSENT_FILE).exists()  # job 1 sent its buffer late
+
     client, _, runs = children(lab, sweep_dir)
+    by_job = {json.loads((sweep_dir / str(i) / "result.json").read_text())["run_id"]: i for i in iters}
+    assert {client.get_run(run_id).info.status for run_id in by_job} == {"RUNNING", "FINISHED"}
+    said = gta("sync", str(sweep_dir)).stdout
+    assert f"{kept}: sent" in said and not kept.exists()
     assert len(runs) == 2
     for run in runs:
+        job = by_job[run.info.run_id]
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
         for key in ("train/student/loss_l", "lr/student"):
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-            assert steps == list(range(10, iters + 1, 10)), (run.info.run_name, key)
+            assert steps == list(range(10, iters[job] + 1, 10)), (job, key)
         assert client.get_metric_history(run.info.run_id, "val/miou")
+        assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
