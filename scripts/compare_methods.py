@@ -4,8 +4,9 @@ own network and for the ImageNet-pretrained EfficientNet-Lite0 (``model=deeplabv
 
 Each row gives its mean, std, n and 95 % interval, and each method its difference to SupOnly paired by
 seed, a tie when that interval contains 0 (gta/stats.py). ``--recheck-threads N`` trains the rows of
-``--recheck-methods`` again with N threads per run: another thread count sums floats in another order, as
-another machine does, and how far the same seed moves tells how far a reader's rerun may land from a row.
+``--recheck-methods`` again with N threads per run (``--recheck-seeds``: only those seeds): another thread
+count sums floats in another order, as another machine does, and how far the same seed moves tells how far
+a reader's rerun may land from a row.
 ``--against OLD.json`` says the same of an earlier table (another machine's compare.json, or the committed
 reference), seed by seed.
 
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--recheck-threads", type=int, help="train the --recheck-methods rows again with as many "
                         "threads per run, and say how far each seed moved")
     parser.add_argument("--recheck-methods", nargs="+", choices=list(METHODS), default=list(RECHECKED))
+    parser.add_argument("--recheck-seeds", type=int, nargs="+", help="the seeds trained again (default: --seeds)")
     parser.add_argument("--against", type=Path, help="an earlier compare.json: how far the same seeds moved from it")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--reference", action="store_true", help="also write the demo's comparison table")
@@ -151,12 +153,13 @@ def main() -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
 
-    def jobs(model: str, method: str, extra: list[str], name: str, folder: str = "compare") -> list[tuple]:
+    def jobs(model: str, method: str, extra: list[str], name: str, folder: str = "compare",
+             seeds: list[int] = args.seeds) -> list[tuple]:
         chosen = [f"model={MODELS[model]}"] if MODELS[model] else []
         replaced = {e.split("=", 1)[0] for e in extra}
         kept = [o for o in args.overrides if o.split("=", 1)[0] not in replaced]
         overrides = [f"method={method}", *chosen, *logger, *kept, *extra]
-        return [(overrides + [f"seed={s}"], args.out / folder / f"{model}-{name}-seed{s}") for s in args.seeds]
+        return [(overrides + [f"seed={s}"], args.out / folder / f"{model}-{name}-seed{s}") for s in seeds]
 
     def results(grid: list[list[tuple]], threads: int) -> list[list[dict]]:
         """Every job of ``grid``, --jobs at a time; each inner list is one row's seeds."""
@@ -178,10 +181,11 @@ def main() -> None:
             if args.recheck_threads:
                 again = [m for m in args.methods if m in args.recheck_methods]
                 folder = f"compare-threads{args.recheck_threads}"
-                grid = [jobs(model, METHODS[m], [], METHODS[m], folder) for m in again]
+                seeds = args.recheck_seeds or args.seeds
+                grid = [jobs(model, METHODS[m], [], METHODS[m], folder, seeds) for m in again]
                 for method, found in zip(again, results(grid, args.recheck_threads), strict=True):
                     rechecked.append((next(r for r in rows if (r["model"], r["method"], r["labels"]) == (
-                        model, method, "split")), row(model, method, "split", args.seeds, found)))
+                        model, method, "split")), row(model, method, "split", seeds, found)))
     for r in rows:
         if d := difference(r, rows):
             r["difference"] = {"to": BASELINE, **rounded(d), "verdict": verdict(d)}
