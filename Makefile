@@ -43,7 +43,7 @@ lint: setup ## ruff
 ui: setup ## browse the runs: MLflow UI on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-compare: setup ## SupOnly, Mean Teacher, GTA-Seg and the all-labels bound, own and ImageNet encoder, 5 seeds, 95 % intervals (ARGS=overrides)
+compare: setup ## SupOnly, Mean Teacher, GTA-Seg, UniMatch and the all-labels bound, own and ImageNet encoder, 5 seeds, 95 % intervals (ARGS=overrides)
 	$(PY) scripts/compare_methods.py $(ARGS)
 
 figure: setup ## docs/images/results.png: predictions of a short GTA-Seg run (CPU, ~3 min on 2 cores)

@@ -70,7 +70,8 @@ def test_compare_states_intervals_ties_and_how_far_a_seed_moves(tmp_path):
         {"network": "deeplabv3plus_small", "method": "GTA-Seg", "labels": "split", "values": [59.5, 62.0]}]}
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
     done = subprocess.run([sys.executable, str(SCRIPT), "--seeds", "0", "1", "2", "--models", "own", "--no-mlflow",
-                           "--threads", "1", "--recheck-threads", "2", "--recheck-seeds", "0", "1", "--against", str(tmp_path / "earlier.json"),
+                           "--threads", "1", "--recheck-threads", "2", "--recheck-seeds", "0", "1",
+                           "--against", str(tmp_path / "earlier.json"),
                            "--out", str(tmp_path)],
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
