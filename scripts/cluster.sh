@@ -30,8 +30,16 @@ die() { say "$*"; exit 1; }
 
 alive() { [[ -s $1 ]] && kill -0 "$(head -1 "$1")" 2>/dev/null; }
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# NAME=port for each name, all different: every socket stays bound until all are chosen (ports asked for one
+# at a time can come back equal, since each is free again once its socket closes)
+free_ports() {
+  python3 -c '
+import socket, sys
+held = [socket.socket() for _ in sys.argv[1:]]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+for name, s in zip(sys.argv[1:], held):
+    print(f"{name}={s.getsockname()[1]}")' "$@"
 }
 
 # wait_for SECONDS WHAT COMMAND...: poll COMMAND every 0.2 s
@@ -66,10 +74,7 @@ install_packages() {
 # --- ports, chosen once and kept in $DIR/ports -----------------------------------------------------------------
 ports() {
   if [[ ! -s $DIR/ports ]]; then
-    {
-      echo "CTLD_PORT=$(free_port)"; echo "SLURMD_PORT=$(free_port)"; echo "DBD_PORT=$(free_port)"
-      echo "MARIADB_PORT=$(free_port)"; echo "PG_PORT=$(free_port)"; echo "MLFLOW_PORT=$(free_port)"
-    } >"$DIR/ports"
+    free_ports CTLD_PORT SLURMD_PORT DBD_PORT MARIADB_PORT PG_PORT MLFLOW_PORT >"$DIR/ports"
   fi
   # shellcheck disable=SC1091
   source "$DIR/ports"
