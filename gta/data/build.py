@@ -383,7 +383,7 @@ def build_loaders(
     geometry = (source.crop_size, source.scale_range, source.mean, source.std, source.ignore_index, source.flip,
                 source.pad_label, source.scale_pivot)  # fmt: skip
     augment = train_transform(*geometry)
-    augment_unlabeled = WithViews(views, *geometry) if views else augment
+    augment_unlabeled = WithViews(views, augment) if views else augment
     common = {
         "num_workers": num_workers,
         "pin_memory": pin_memory,

@@ -77,8 +77,8 @@ def train_transform(
     """Random rescale, horizontal flip and a ``crop_size`` crop; images smaller than the crop are padded
     with black pixels labelled ``ignore_index`` so the padding never counts as a class (``pad_label``
     labels them with that class instead, as the released code does with background: docs/algorithm.md §5.8)."""
-    steps = _geometric(crop_size, scale_range, ignore_index, flip, pad_label, scale_pivot)
-    return v2.Compose(steps + _to_float_and_normalize(mean, std))
+    geometric = v2.Compose(_geometric(crop_size, scale_range, ignore_index, flip, pad_label, scale_pivot))
+    return v2.Compose([geometric, v2.Compose(_to_float_and_normalize(mean, std))])  # the two parts WithViews uses
 
 
 def _geometric(
@@ -105,21 +105,10 @@ class WithViews:
     draws exactly the random numbers :func:`train_transform` draws; the views draw theirs after it.
     """
 
-    def __init__(
-        self,
-        views: dict[str, Callable[[tv_tensors.Image], tv_tensors.Image]],
-        crop_size: int | Sequence[int],
-        scale_range: Sequence[float],
-        mean: Sequence[float],
-        std: Sequence[float],
-        ignore_index: int,
-        flip: bool = True,
-        pad_label: int | None = None,
-        scale_pivot: float | None = None,
-    ) -> None:
+    def __init__(self, views: dict[str, Callable[[tv_tensors.Image], tv_tensors.Image]], weak: v2.Compose) -> None:
+        """``weak``: what :func:`train_transform` built, its geometric steps and then its normalisation."""
         self.views = dict(views)
-        self.geometric = v2.Compose(_geometric(crop_size, scale_range, ignore_index, flip, pad_label, scale_pivot))
-        self.normalize = v2.Compose(_to_float_and_normalize(mean, std))
+        self.geometric, self.normalize = weak.transforms
 
     def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple:
         image, mask = self.geometric(image, mask)
