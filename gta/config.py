@@ -38,8 +38,14 @@ class MLflowConfig:
     run_id: str | None = None
     #: nest the run under this one (null: under the sweep's parent run in a --multirun, else top level)
     parent_run_id: str | None = None
-    #: seconds between attempts to send metrics while the store does not answer (each attempt holds training up)
-    retry_interval: float = 30.0
+    #: nest the run under the run whose id this JSON file holds (null: a --multirun's mlflow_parent.json)
+    parent_file: str | None = None
+    #: seconds between the sender thread's attempts while the store does not answer (training never waits)
+    retry_interval: float = 5.0
+    #: the most seconds one request to a tracking server may take
+    request_timeout: float = 10.0
+    #: seconds a run waits for its server at the start before it trains without it (and creates its run later)
+    start_timeout: float = 3.0
 
 
 # --- engine ----------------------------------------------------------------------------------------

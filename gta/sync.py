@@ -22,7 +22,8 @@ def main(argv: list[str]) -> None:
     for path in args.paths:
         if not path.exists():
             raise MissingPathError(f"{path}: no such file or directory")
-        files += [path] if path.is_file() else sorted(path.rglob(UNSENT_FILE))
+        # a sweep's own file (its parent run) before its jobs', whose runs nest under it
+        files += [path] if path.is_file() else sorted(path.rglob(UNSENT_FILE), key=lambda f: (len(f.parts), f))
     if not files:
         print(f"nothing to send: no {UNSENT_FILE} under {', '.join(map(str, args.paths))}")
     failed = []

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
+import socket
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from helpers import free_port, python
+from helpers import python
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
@@ -22,7 +20,6 @@ from gta.tracking.mlflow import (
     CHANGED_PARAM_TAG_PREFIX,
     UNSENT_FILE,
     MLflowLogger,
-    check_reachable,
     default_tracking_uri,
     sqlite_path,
 )
@@ -131,11 +128,13 @@ def test_what_a_dead_store_kept_is_sent_later(store, client, tmp_path, monkeypat
     def away(*args, **kwargs):
         raise ConnectionError("server away")
 
-    logger = MLflowLogger(store, experiment_name="later", fallback_dir=tmp_path / "a", retry_interval=0)
+    logger = MLflowLogger(store, experiment_name="later", fallback_dir=tmp_path / "a")
     logger.log_metrics({"loss": 1.0}, step=1)
+    assert logger.flush()
     monkeypatch.setattr(MlflowClient, "log_batch", away)
     with pytest.warns(RuntimeWarning):
         logger.log_metrics({"loss": 2.0, "miou": 0.5}, step=2)
+        assert not logger.flush()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logger.log_params({"lr": 0.1})
@@ -163,8 +162,8 @@ def test_what_a_dead_store_kept_is_sent_later(store, client, tmp_path, monkeypat
     assert {a.path for a in client.list_artifacts(logger.run_id)} == {"config.yaml", "pictures"}
     assert [a.path for a in client.list_artifacts(logger.run_id, "pictures")] == ["pictures/step2.png"]
 
-    killed = MLflowLogger(store, experiment_name="later", fallback_dir=tmp_path / "b", retry_interval=0)
-    monkeypatch.setattr(killed._client, "log_batch", away)
+    killed = MLflowLogger(store, experiment_name="later", fallback_dir=tmp_path / "b")
+    monkeypatch.setattr(MlflowClient, "log_batch", away)
     with pytest.warns(RuntimeWarning):
         killed.log_metrics({"loss": 3.0}, step=3)
         killed.close("KILLED")
@@ -178,24 +177,28 @@ def test_what_a_dead_store_kept_is_sent_later(store, client, tmp_path, monkeypat
 
 
 def test_failed_sends_are_retried(store, client, tmp_path, monkeypatch):
-    logger = MLflowLogger(store, experiment_name="flaky", fallback_dir=tmp_path, retry_interval=0)
+    logger = MLflowLogger(store, experiment_name="flaky", fallback_dir=tmp_path)
     logger.log_metrics({"loss": 0.0}, step=0)
+    assert logger.flush()
 
     def store_down(*args, **kwargs):
         raise MlflowException("database is locked")
 
-    monkeypatch.setattr(logger._client, "log_batch", store_down)
+    monkeypatch.setattr(MlflowClient, "log_batch", store_down)
     with pytest.warns(RuntimeWarning, match="database is locked") as record:
         logger.log_metrics({"loss": 1.0}, step=1)
+        assert not logger.flush()
     assert store in str(record[0].message)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        logger.log_metrics({"loss": 2.0}, step=2)  # still down: one warning per outage, not per call
+        logger.log_metrics({"loss": 2.0}, step=2)  # still down: one warning per outage, not per attempt
         logger.log_params({"x": 1})  # params wait with the values, and raise nothing either
+        assert not logger.flush()
     assert not tracking_warnings(record)
 
     monkeypatch.undo()
     logger.log_metrics({"loss": 3.0}, step=3)
+    assert logger.flush()
     logger.close()
     assert history(client, logger.run_id, "loss") == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
     assert client.get_run(logger.run_id).data.params == {"x": "1"}
@@ -204,13 +207,15 @@ def test_failed_sends_are_retried(store, client, tmp_path, monkeypatch):
 
 def test_unsent_metrics_go_to_the_fallback_file(store, client, tmp_path, monkeypatch):
     fallback = tmp_path / "run"
-    logger = MLflowLogger(store, experiment_name="flaky", fallback_dir=fallback, retry_interval=0)
+    logger = MLflowLogger(store, experiment_name="flaky", fallback_dir=fallback)
+
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(logger._client, "log_batch", disk_full)
+    monkeypatch.setattr(MlflowClient, "log_batch", disk_full)
     with pytest.warns(RuntimeWarning, match="disk full"):
         logger.log_metrics({"loss": 0.5, "miou": 0.25}, step=7)
+        assert not logger.flush()
     with pytest.warns(RuntimeWarning, match=UNSENT_FILE):
         logger.close("FAILED")
 
@@ -220,31 +225,72 @@ def test_unsent_metrics_go_to_the_fallback_file(store, client, tmp_path, monkeyp
     assert {r["run_id"] for r in values} == {logger.run_id}
 
 
-def test_unreachable_server_fails_fast():
-    uri = f"http://127.0.0.1:{free_port()}"
-    start = time.monotonic()
-    with pytest.raises(ConnectionError, match=uri) as info:
-        MLflowLogger(uri)
-    assert time.monotonic() - start < 10
-    assert "logger=none" in str(info.value) and "logger.tracking_uri" in str(info.value)
+def test_a_run_that_starts_during_an_outage_is_created_later(store, client, tmp_path, monkeypatch):
+    """The store does not answer when the run starts: the logger trains on, buffering. Once the store answers, the
+    run is created with everything in order; a run whose store never answered keeps its creation in its file, and
+    ``gta sync`` creates it, nested under the parent its parent file names by then."""
+    from gta.sync import main as sync
+
+    create_run = MlflowClient.create_run
+
+    def away(*args, **kwargs):
+        raise ConnectionError("server away")
+
+    monkeypatch.setattr(MlflowClient, "create_run", away)
+    with pytest.warns(RuntimeWarning, match="not reachable.*training goes on"):
+        back = MLflowLogger(store, experiment_name="outage-start", run_name="back", fallback_dir=tmp_path / "back")
+    assert back.run_id is None and "not created yet" in back.location
+    back.log_params({"lr": 0.1})
+    back.log_metrics({"loss": 1.0}, step=1)
+    monkeypatch.setattr(MlflowClient, "create_run", create_run)
+    assert back.flush()
+    back.log_metrics({"loss": 2.0}, step=2)
+    back.close()
+    run = client.get_run(back.run_id)
+    assert run.info.run_name == "back" and run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}
+    assert history(client, back.run_id, "loss") == [(1, 1.0), (2, 2.0)]
+
+    # a sweep whose parent and job both started during the outage, and ended before it was over
+    parent_file = tmp_path / "sweep" / "mlflow_parent.json"
+    monkeypatch.setattr(MlflowClient, "create_run", away)
+    with pytest.warns(RuntimeWarning):
+        parent = MLflowLogger(store, experiment_name="outage-start", run_name="sweep", fallback_dir=tmp_path / "sweep",
+                              publish=str(parent_file))
+        job = MLflowLogger(store, experiment_name="outage-start", run_name="job", fallback_dir=tmp_path / "sweep" / "0",
+                           parent_file=str(parent_file))
+        job.log_metrics({"loss": 3.0}, step=1)
+        job.close()
+        parent.close()
+    assert (tmp_path / "sweep" / "0" / UNSENT_FILE).is_file() and not parent_file.exists()
+    monkeypatch.undo()
+    sync([str(tmp_path / "sweep")])
+    parent_id = json.loads(parent_file.read_text())["run_id"]
+    experiment = client.get_experiment_by_name("outage-start").experiment_id
+    (child,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert child.info.run_name == "job" and child.info.status == "FINISHED"
+    assert history(client, child.info.run_id, "loss") == [(1, 3.0)]
+    assert client.get_run(parent_id).info.status == "FINISHED"
 
 
-def test_any_http_answer_counts_as_reachable():
-    class NotFound(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_error(404)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        check_reachable(f"http://127.0.0.1:{server.server_address[1]}", timeout=3)
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_a_frozen_server_holds_no_logging_call(tmp_path, monkeypatch):
+    """A server that accepts connections and never answers (a frozen process, a partition): the constructor and
+    every logging call return while the requests hang, and the run's end goes to the fallback file."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # this process's MLflow requests: back to its own after
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(64)  # the kernel completes each connection; nobody reads
+        uri = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+        with pytest.warns(RuntimeWarning, match="not reachable"):
+            logger = MLflowLogger(uri, fallback_dir=tmp_path, start_timeout=0.2, retry_interval=60)
+        for step in range(100):
+            logger.log_metrics({"loss": float(step)}, step=step)
+        assert logger.run_id is None
+        with pytest.warns(RuntimeWarning, match="100 records"):
+            logger.close()
+    create, *records, end = [json.loads(line) for line in (tmp_path / UNSENT_FILE).read_text().splitlines()]
+    assert create["create"]["experiment_name"] == "gta" and create["run_id"] is None
+    assert [r["step"] for r in records] == list(range(100)) and end["status"] == "FINISHED"
 
 
 def test_sqlite_store_location(tmp_path, monkeypatch):

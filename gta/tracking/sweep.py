@@ -17,6 +17,7 @@ import getpass
 import json
 import os
 import subprocess
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,11 +34,12 @@ SOURCE_NAME, SOURCE_TYPE, USER = "mlflow.source.name", "mlflow.source.type", "ml
 
 @dataclass(frozen=True)
 class SweepParent:
-    """What a job needs to nest its run: the store and the parent run in it."""
+    """What a job needs to nest its run: the store and the parent run in it (None until the store has answered
+    the sweep's start: the parent's logger writes them in then, see ``MLflowLogger(publish=...)``)."""
 
     tracking_uri: str
-    experiment_id: str
-    run_id: str
+    experiment_id: str | None
+    run_id: str | None
     #: the keys the sweep's grid varies (``grid_keys``), which name its jobs' runs
     grid: tuple[str, ...] = ()
 
@@ -137,23 +139,17 @@ def note_failed_jobs(sweep_dir: Path, summary: str, failures: list[str]) -> None
     """Say on the sweep's parent run that jobs failed (tag ``failed_jobs``, and the run's description in the
     MLflow UI); it is closed FAILED when the launching process ends."""
     parent = SweepParent.read(sweep_dir)
-    if parent is None:
+    if parent is None or parent.run_id is None:
         return
     from mlflow import MlflowClient
 
     client = MlflowClient(parent.tracking_uri)
-    client.set_tag(parent.run_id, "failed_jobs", summary)
-    client.set_tag(parent.run_id, "mlflow.note.content", "\n\n".join([summary, *failures]))
-
-
-def parent_for_job(sweep_dir: Path, tracking_uri: str | None) -> str | None:
-    """The parent run id a job in ``sweep_dir`` nests under, if its sweep made one in the same store."""
-    parent = SweepParent.read(sweep_dir)
-    if parent is None:
-        return None
-    from gta.tracking.mlflow import resolve_tracking_uri
-
-    return parent.run_id if resolve_tracking_uri(tracking_uri) == parent.tracking_uri else None
+    try:
+        client.set_tag(parent.run_id, "failed_jobs", summary)
+        client.set_tag(parent.run_id, "mlflow.note.content", "\n\n".join([summary, *failures]))
+    except Exception as e:  # the server away: the sweep's own message says which jobs failed
+        warnings.warn(f"could not mark the sweep's parent run {parent.run_id} at {parent.tracking_uri}: {e}",
+                      RuntimeWarning, stacklevel=2)
 
 
 def sweep_dir_of_job() -> Path | None:
