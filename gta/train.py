@@ -25,16 +25,16 @@ from gta.engine import distributed
 from gta.engine.checkpoint import LAST, load_checkpoint
 from gta.engine.evaluate import Validation
 from gta.engine.runtime import configure_cuda, ensure_writable, seed_everything
-from gta.engine.signals import STOP_SIGNALS, TrainingInterrupted
+from gta.engine.signals import STOP_SIGNALS, StopSignals, TrainingInterrupted, stop_signals
 from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import Trainer
 from gta.errors import ConfigError, MissingPathError
 from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import (
+    PARENT_FILE,
     SweepParent,
     grid_keys,
     grid_point,
-    parent_for_job,
     run_tags,
     sweep_dir_of_job,
     sweep_tags,
@@ -129,7 +129,8 @@ def open_logger(cfg: DictConfig, dist, run_dir: Path, name: str, state: dict | N
     defaults = {"run_name": name, "fallback_dir": str(run_dir), "run_id": state["run_id"] if state else None}
     sweep_dir = sweep_dir_of_job()
     if sweep_dir is not None and uses_mlflow(cfg):
-        defaults["parent_run_id"] = parent_for_job(sweep_dir, cfg.logger.tracking_uri)
+        # read when the job's run is created: a sweep that started during an outage has no parent run yet
+        defaults["parent_file"] = str(sweep_dir / PARENT_FILE)
     return instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
 
 
@@ -146,6 +147,13 @@ def record_run(cfg: DictConfig, logger: Logger, run_dir: Path, split, overrides:
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
+    """Train the run ``cfg`` describes into ``run_dir`` (default: Hydra's run directory); its reported mIoU. Stop
+    signals are recorded from here to the end (gta.engine.signals): honoured while training, ignored after."""
+    with stop_signals() as stop:
+        return train_job(cfg, run_dir, stop)
+
+
+def train_job(cfg: DictConfig, run_dir: Path | None, stop: StopSignals) -> float:
     # One of several processes under torchrun or in a multi-task SLURM job: data-parallel training
     dist = distributed.setup(cfg.device)
     if dist.is_main:
@@ -198,6 +206,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
                 print(f"resuming from {checkpoint} after iteration {trainer.start_iter}", file=sys.stderr)
             del state
         result = trainer.fit()
+        stop.finish()  # what follows saves and logs a finished run: a signal now lets it finish
         if dist.is_main:
             logger.log_artifact(trainer.save_reported_model())
             if trainer.bad_samples.files:
@@ -329,10 +338,12 @@ class SweepParentRun(Callback):
         previous = SweepParent.read(sweep_dir)
         overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
         grid = grid_keys(config)
-        if previous is not None and previous.tracking_uri == uri:
+        if previous is not None and previous.tracking_uri == uri and previous.run_id:
             # The same sweep again (resuming): its jobs join the runs already under this parent.
             logger = MLflowLogger(uri, run_id=previous.run_id, fallback_dir=sweep_dir)
         else:
+            # the file names the jobs' runs after the grid now, and their parent once the server has created it
+            SweepParent(uri, None, None, tuple(grid)).write(sweep_dir)
             table = OmegaConf.select(config, "report.table")
             experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment")
             tags = sweep_tags(config, overrides, experiment) | {"sweep_dir": str(sweep_dir)}
@@ -340,9 +351,8 @@ class SweepParentRun(Callback):
             name = " × ".join(grid) or "sweep"
             logger = MLflowLogger(
                 uri, experiment_name=config.logger.experiment_name, fallback_dir=sweep_dir,
-                run_name=f"{table}: {name}" if table else name, tags=tags,
+                run_name=f"{table}: {name}" if table else name, tags=tags, publish=str(sweep_dir / PARENT_FILE),
             )
-        SweepParent(logger.tracking_uri, logger.experiment_id, logger.run_id, tuple(grid)).write(sweep_dir)
         self._parent = logger
         atexit.register(self._close, "FAILED")
         print(f"[sweep] parent {logger.location}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 import traceback
@@ -15,6 +16,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf
 
+from gta.engine.signals import STOP_SIGNALS
 from gta.launcher import JobFailed, SweepFailed, last_line, over, quiet_status_polls, rejection
 from gta.tracking.sweep import grid_keys, grid_point, note_failed_jobs
 
@@ -31,6 +33,9 @@ class SlurmLauncher(SubmititSlurmLauncher):
             else:
                 traceback.print_exception(error)
             raise JobFailed(str(error)) from None
+        # finished: a stop signal from here to the process's exit (submitit's requeue) would start it again
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         return result
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

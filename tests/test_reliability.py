@@ -196,6 +196,52 @@ def test_checkpoint_of_another_model_names_the_mismatch(source, tmp_path):
         trainer.resume(state, "b.pt")
 
 
+# --- stop signals in every phase of a job --------------------------------------------------------------------
+
+
+def test_a_signal_while_the_job_builds_stops_it_before_any_work(hydra_conf, tmp_path, monkeypatch):
+    """From the start of the command: a signal while the data is prepared is honoured before the first
+    iteration, with a checkpoint to resume from."""
+    import gta.train
+    from gta.train import run
+
+    build_loaders = gta.train.build_loaders
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return build_loaders(*args, **kwargs)
+
+    monkeypatch.setattr(gta.train, "build_loaders", signalled)
+    with pytest.raises(SystemExit) as stopped:
+        run(compose("train", overrides=tiny(tmp_path / "data", unlabeled=0, iters=4)), tmp_path / "run")
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"] == 0
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_a_signal_after_training_lets_the_job_finish(hydra_conf, tmp_path, monkeypatch, capfd):
+    """A scheduler's warning that comes while a finished run is saved and logged: the run finishes, and the
+    handler that would requeue the job (submitit's) is not called."""
+    from gta.engine.trainer import Trainer
+    from gta.train import run
+
+    save = Trainer.save_reported_model
+
+    def signalled(self):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return save(self)
+
+    requeued = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))
+    monkeypatch.setattr(Trainer, "save_reported_model", signalled)
+    try:
+        value = run(compose("train", overrides=tiny(tmp_path / "data", unlabeled=0, iters=4)), tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert requeued == [] and (tmp_path / "run" / "result.json").is_file() and value >= 0
+    assert "SIGUSR2 after training: ignored, the job finishes" in capfd.readouterr().err
+
+
 # --- configuration and the command --------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from gta.engine.precision import Precision
 from gta.engine.prepare import models_of, prepare
 from gta.engine.progress import ProgressReport
 from gta.engine.schedule import poly_factor, set_lr
-from gta.engine.signals import StopSignals, TrainingInterrupted
+from gta.engine.signals import TrainingInterrupted, stop_signals
 from gta.engine.snapshots import Snapshots
 from gta.errors import ConfigError
 from gta.tracking import Logger, NullLogger
@@ -95,7 +95,13 @@ class Trainer:
         self.bad_samples.start(resumed=self.start_iter > 0)
         mode = self.config.progress if self.dist.is_main else "none"  # one report for all ranks
         report = ProgressReport(self.start_iter, self.total_iters, self.config.log_every, mode)
-        with StopSignals() as stop, report:
+        with stop_signals() as stop, report:
+            # a signal that came while the job was building: honoured before any work, as after an iteration
+            if signum := self.dist.first_signal(stop.received):
+                stop.received = signum
+                path = self.save_checkpoint(self.start_iter)
+                if stop.hand_over():
+                    raise TrainingInterrupted(signum, self.start_iter, path)
             batches = self._batches(self.start_iter)
             self.method.train()
             for it in range(self.start_iter, self.total_iters):
