@@ -4,13 +4,17 @@ trains seconds-long runs of the tiny synthetic dataset, one CPU per job."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import torch
-from helpers import ROOT, gta
+from helpers import ROOT, free_port, gta
 from mlflow import MlflowClient
 
 from gta.tracking.sweep import SweepParent
@@ -24,9 +28,9 @@ def slurm(*extra: str) -> list[str]:
             "hydra.launcher.timeout_min=10", *extra]
 
 
-def tracked(lab, name: str) -> list[str]:
-    """Log to the tracking server, into an experiment of this test's own."""
-    return ["logger=mlflow", f"logger.tracking_uri={lab['GTA_CLUSTER_TRACKING_URI']}",
+def tracked(lab, name: str, uri: str | None = None) -> list[str]:
+    """Log to the tracking server (the cluster's unless ``uri``), into an experiment of this test's own."""
+    return ["logger=mlflow", f"logger.tracking_uri={uri or lab['GTA_CLUSTER_TRACKING_URI']}",
             f"logger.experiment_name={name}-{uuid.uuid4().hex[:8]}", "trainer.snapshot_images=0"]
 
 
@@ -86,11 +90,94 @@ def teacher(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "teacher.pt", map_location="cpu", weights_only=True)
 
 
+def log_of(sweep_dir: Path, job: str) -> Path:
+    """The standard error of a job's first task, where the trainer says what it received."""
+    return sweep_dir / ".submitit" / job / f"{job}_0_log.err"
+
+
+def received(log: Path, name: str) -> bool:
+    return log.is_file() and f"{name} received" in log.read_text()
+
+
 def interrupt(job: str, log: Path) -> None:
     """A preemption as submitit's ``SlurmJob._interrupt()`` makes it: SIGTERM, then SIGUSR2, each sent with
     ``scancel --signal``. Sent back to back, the second was lost once in two tries (slurmstepd had marked the step
     cancelled), so each is sent once the job's log says the one before arrived."""
     subprocess.run(["scancel", "--signal=TERM", job], check=True)
-    wait_for(lambda: "Bypassing signal SIGTERM" in log.read_text(), "SIGTERM to reach the job", timeout=30)
+    wait_for(lambda: received(log, "SIGTERM"), "SIGTERM to reach the job", timeout=30)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    wait_for(lambda: "Caught signal SIGUSR2" in log.read_text(), "SIGUSR2 to reach the job", timeout=30)
+    wait_for(lambda: received(log, "SIGUSR2"), "SIGUSR2 to reach the job", timeout=30)
+
+
+#: the method of a run a test holds at an iteration (tests/pausing.py)
+PAUSED = "method._target_=tests.pausing.PausedGTASeg"
+
+
+class Gates:
+    """Holds jobs of a sweep run with :data:`PAUSED` at an iteration (0-based: after that many iterations) until the
+    test moves or opens their gate: what happens to a job then happens at that iteration, however fast the machine
+    trains."""
+
+    def __init__(self, folder: Path, holds: dict[int, int]) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True)
+        for job, at in holds.items():
+            self.hold(job, at)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"GTA_TEST_PAUSE": str(self.folder)}
+
+    def hold(self, job: int, at: int) -> None:
+        tmp = self.folder / f"{job}.tmp"
+        tmp.write_text(str(at))
+        tmp.replace(self.folder / str(job))  # the job never reads half a number
+
+    def wait(self, *jobs: int, timeout: float = 300) -> None:
+        """Until each job is held at its gate's iteration."""
+        for job in jobs:
+            at = (self.folder / str(job)).read_text()
+            marker = self.folder / f"{job}.paused"
+            wait_for(lambda marker=marker, at=at: marker.is_file() and marker.read_text() == at,
+                     f"job {job} to reach iteration {at}", timeout=timeout)
+
+    def open(self, job: int) -> None:
+        (self.folder / str(job)).unlink()
+
+
+class TrackingServer:
+    """An MLflow tracking server of one test's own (sqlite behind it), for a test that kills it: no other test
+    uses it. Started and restarted on the same port and store."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 300) -> None:
+        mlflow = Path(sys.executable).parent / "mlflow"
+        log = (self.folder / "server.log").open("a")
+        self.process = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self.healthy, f"the tracking server at {self.uri} (log: {self.folder / 'server.log'})",
+                 timeout=timeout, every=0.5)
+
+    def healthy(self) -> bool:
+        try:
+            urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+        except OSError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        """As a machine that dies: no goodbye to the connections it holds."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()

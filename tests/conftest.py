@@ -71,6 +71,17 @@ def lab():
 
 
 @pytest.fixture
+def tracking_server(tmp_path) -> Iterator:
+    """A tracking server of the test's own (tests/cluster.py: TrackingServer), stopped when it ends."""
+    from cluster import TrackingServer
+
+    server = TrackingServer(tmp_path / "server")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def start_sweep():
     """Starts a sweep in the background (its output in ``<sweep dir>.log``); a sweep still running when the
     test ends is stopped, its jobs cancelled."""
@@ -78,10 +89,10 @@ def start_sweep():
 
     started: list[tuple[subprocess.Popen, Path]] = []
 
-    def start(sweep_dir: Path, *overrides: str) -> subprocess.Popen:
+    def start(sweep_dir: Path, *overrides: str, **env: str) -> subprocess.Popen:
         log = (sweep_dir.parent / f"{sweep_dir.name}.log").open("w")
         process = subprocess.Popen([*GTA, "train", "--multirun", f"hydra.sweep.dir={sweep_dir}", *overrides],
-                                   cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT, text=True)
+                                   cwd=ROOT, env=environment(**env), stdout=log, stderr=subprocess.STDOUT, text=True)
         started.append((process, sweep_dir))
         return process
 

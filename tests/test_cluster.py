@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +15,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster import CLUSTER, accounting, children, finish, interrupt, job_ids, slurm, sweep, teacher, tracked, wait_for
+from cluster import (
+    PAUSED,
+    Gates,
+    accounting,
+    children,
+    finish,
+    interrupt,
+    job_ids,
+    log_of,
+    received,
+    slurm,
+    sweep,
+    teacher,
+    tracked,
+    wait_for,
+)
 from helpers import ROOT, environment, gta, tiny
 from mlflow import MlflowClient
 
@@ -91,25 +104,31 @@ def test_a_failing_job_fails_alone_and_a_rerun_trains_only_it(lab, tmp_path):
 
 
 # --- 2. preemption and requeue resume in the same run directory and MLflow run -----------------------------------
-ITERS, EVERY = 60, 10
+ITERS, EVERY, HOLD = 60, 10, 20
 
 
 def test_preempted_and_requeued_jobs_resume_to_the_same_teacher(lab, tmp_path, start_sweep):
     """Three jobs of one grid point: one interrupted as submitit does it (SIGTERM, then SIGUSR2: checkpoint and
     requeue; with a limit under 10 minutes submitit counts it as a time-out), one requeued with ``scontrol
-    requeue`` (SIGTERM alone: the trainer's own checkpoint), one left alone. All end with the same teacher,
-    bit for bit, each in its first MLflow run holding every step."""
+    requeue`` (SIGTERM, then SIGKILL: it resumes from its last periodic checkpoint), one left alone. The first two
+    are held at iteration HOLD until their signals have arrived. All end with the same teacher, bit for bit, each in
+    its first MLflow run holding every step once."""
+    gates = Gates(tmp_path / "gates", {0: HOLD, 1: HOLD})
     run = [*tiny(tmp_path / "data", iters=ITERS, logger=None), f"trainer.checkpoint_every={EVERY}",
-           f"trainer.log_every={EVERY}", *tracked(lab, "preempt")]
+           f"trainer.log_every={EVERY}", PAUSED, *tracked(lab, "preempt")]
     sweep_dir = tmp_path / "sweep"
-    process = start_sweep(sweep_dir, "report.row=interrupted,requeued,alone", *run, *slurm())
+    process = start_sweep(sweep_dir, "report.row=interrupted,requeued,alone", *run, *slurm(), **gates.env)
     interrupted, requeued, _ = job_ids(sweep_dir, 3)
-    for job in (0, 1):
-        wait_for(lambda job=job: (sweep_dir / str(job) / "checkpoints" / "last.pt").is_file(),
-                 f"job {job}'s first checkpoint", timeout=180)
+    gates.wait(0, 1)
     signalled, signalled_at = time.monotonic(), datetime.now()
     subprocess.run(["scontrol", "requeue", requeued], check=True)
-    interrupt(interrupted, sweep_dir / ".submitit" / interrupted / f"{interrupted}_0_log.out")
+    interrupt(interrupted, log_of(sweep_dir, interrupted))
+    gates.open(0)  # its iteration ends: a checkpoint, then submitit's requeue
+    wait_for(lambda: received(log_of(sweep_dir, requeued), "SIGTERM"), "SIGTERM to reach the requeued job")
+    # killed while held, started again, held again: sacct says REQUEUED already while the first start is dying
+    wait_for(lambda: "resuming from" in log_of(sweep_dir, requeued).read_text(), "the requeued job's second start",
+             timeout=180)
+    gates.open(1)
     finish(process, sweep_dir)
     restarts = {r["JobID"]: datetime.fromisoformat(r["Start"]) for r in accounting(interrupted.split("_")[0])}
     print(f"signal to the end of the sweep: {time.monotonic() - signalled:.0f} s; from the signal to the "
@@ -118,11 +137,12 @@ def test_preempted_and_requeued_jobs_resume_to_the_same_teacher(lab, tmp_path, s
 
     reference = teacher(sweep_dir / "2")
     client = MlflowClient(lab["GTA_CLUSTER_TRACKING_URI"])
-    for run_dir, job in [(sweep_dir / "0", interrupted), (sweep_dir / "1", requeued)]:
-        log = (run_dir.parent / ".submitit" / job / f"{job}_0_log.err").read_text()
+    # interrupted: saved when its held iteration ended; requeued: killed while held, so its last periodic checkpoint
+    for run_dir, job, resumed_at in [(sweep_dir / "0", interrupted, HOLD + 1), (sweep_dir / "1", requeued, HOLD)]:
+        log = log_of(sweep_dir, job).read_text()
         resumed = [line for line in log.splitlines() if line.startswith("resuming from")]
-        assert resumed and str(run_dir / "checkpoints" / "last.pt") in resumed[0], log[-3000:]
-        assert 0 < int(resumed[0].rsplit(" ", 1)[1]) < ITERS
+        assert resumed == [f"resuming from {run_dir / 'checkpoints' / 'last.pt'} after iteration {resumed_at}"], \
+            log[-3000:]
         state = teacher(run_dir)
         assert state.keys() == reference.keys()
         assert all(torch.equal(state[k], reference[k]) for k in reference), f"{run_dir}'s teacher differs"
@@ -152,48 +172,51 @@ def test_two_task_job_matches_torchrun(lab, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-# --- 5. the tracking server dies mid-sweep and comes back: nothing is lost ----------------------------------------
-def test_server_outage_loses_no_metric(lab, tmp_path, start_sweep):
-    """The server killed while two jobs train. Job 0 ends during the outage: what it could not send (its last
-    values, files and end) waits in its run directory until ``gta sync``. Job 1, suspended by SLURM once it has
-    seen the outage, resumes after the server is back and sends what it buffered."""
+# --- 5. the tracking server dies mid-sweep, jobs start and end without it, it comes back: nothing is lost --------
+def test_server_outage_loses_no_metric(lab, tmp_path, start_sweep, tracking_server):
+    """The sweep's own server is killed while jobs 0 and 1 are held at iteration 20. Job 0 then ends during the
+    outage, and job 2 starts and ends during it (two jobs run at a time): what they could not send, job 2's run itself
+    included, waits in their run directories until ``gta sync``. Job 1 trains to iteration 60 without the server
+    (its values wait in memory), is suspended by SLURM until the server is back, then sends them late. Every run ends
+    FINISHED under the sweep's parent, every step once."""
     sweep_dir = tmp_path / "sweep"
-    iters = {0: 150, 1: 300}
-    process = start_sweep(sweep_dir, *tiny(tmp_path / "data", logger=None), f"trainer.iters={iters[0]},{iters[1]}",
-                          *slurm(), *tracked(lab, "outage"), "logger.retry_interval=2", "trainer.log_every=10")
-    jobs = job_ids(sweep_dir, 2)
-    logs = {i: sweep_dir / ".submitit" / job / f"{job}_0_log.err" for i, job in enumerate(jobs)}
-
-    def training():  # both runs exist and log their losses: the outage falls on training, not on start-up
-        client, _, runs = children(lab, sweep_dir)
-        return len(runs) == 2 and all(client.get_metric_history(r.info.run_id, "lr/student") for r in runs)
-
-    wait_for(training, "both jobs to train", timeout=180, every=1)
-    pid = int((Path(lab["SLURM_CONF"]).parents[1] / "run" / "mlflow.pid").read_text())
-    os.killpg(pid, signal.SIGKILL)  # the server dies without a word
+    gates = Gates(tmp_path / "gates", {0: 20, 1: 20})
+    process = start_sweep(sweep_dir, *tiny(tmp_path / "data", logger=None), "trainer.iters=60,120,60", PAUSED,
+                          *slurm("hydra.launcher.array_parallelism=2"), "trainer.log_every=10",
+                          *tracked(lab, "outage", tracking_server.uri), "logger.retry_interval=1", **gates.env)
+    jobs = job_ids(sweep_dir, 3)
+    gates.wait(0, 1)
+    tracking_server.kill()  # the server dies without a word
     killed = time.monotonic()
-    wait_for(lambda: "could not log" in logs[1].read_text(), "job 1 to see the outage", timeout=60)
+    gates.hold(1, 60)
+    gates.open(0)
+    gates.wait(1)
+    wait_for(lambda: "could not log" in log_of(sweep_dir, jobs[1]).read_text(), "job 1 to see the outage")
     subprocess.run(["scontrol", "suspend", jobs[1]], check=True)
-    wait_for(lambda: (sweep_dir / "0" / "result.json").is_file(), "job 0 to end", timeout=180)
-    kept = sweep_dir / "0" / UNSENT_FILE
-    assert kept.is_file() and "sync" in logs[0].read_text()
-    subprocess.run([str(CLUSTER), "start"], check=True, capture_output=True, timeout=300)
+    for job in (0, 2):
+        wait_for(lambda job=job: (sweep_dir / str(job) / "result.json").is_file(), f"job {job} to end", timeout=300)
+        assert (sweep_dir / str(job) / UNSENT_FILE).is_file(), job
+        assert "gta sync" in log_of(sweep_dir, jobs[job]).read_text()
+    assert json.loads((sweep_dir / "2" / "result.json").read_text())["run_id"] is None  # never reached the server
+    tracking_server.start()
     subprocess.run(["scontrol", "resume", jobs[1]], check=True)
     print(f"tracking server down for {time.monotonic() - killed:.0f} s")
+    gates.open(1)
     finish(process, sweep_dir, timeout=400)
     assert not (sweep_dir / "1" / UNSENT_FILE).exists()  # job 1 sent its buffer late
 
-    client, _, runs = children(lab, sweep_dir)
-    by_job = {json.loads((sweep_dir / str(i) / "result.json").read_text())["run_id"]: i for i in iters}
-    assert {client.get_run(run_id).info.status for run_id in by_job} == {"RUNNING", "FINISHED"}
     said = gta("sync", str(sweep_dir)).stdout
-    assert f"{kept}: sent" in said and not kept.exists()
-    assert len(runs) == 2
+    for job in (0, 2):
+        kept = sweep_dir / str(job) / UNSENT_FILE
+        assert f"{kept}: sent" in said and not kept.exists()
+    client, parent, runs = children({"GTA_CLUSTER_TRACKING_URI": tracking_server.uri}, sweep_dir)
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in runs) == ["trainer.iters=120", "trainer.iters=60", "trainer.iters=60"]
     for run in runs:
-        job = by_job[run.info.run_id]
-        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+        assert run.info.status == "FINISHED"
+        length = int(run.info.run_name.split("=")[1])
         for key in ("train/student/loss_l", "lr/student"):
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-            assert steps == list(range(10, iters[job] + 1, 10)), (job, key)
+            assert steps == list(range(10, length + 1, 10)), (run.info.run_name, key)
         assert client.get_metric_history(run.info.run_id, "val/miou")
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
