@@ -408,6 +408,9 @@ def locate(source: str, tracking_uri: str | None) -> Source:
         parent = SweepParent.read(path)
         if parent is None:
             raise MissingPathError(f"{path} holds no {PARENT_FILE}: not a sweep logged to MLflow")
+        if parent.run_id is None:
+            raise NoRunsError(f"the sweep in {path} never reached its tracking server {parent.tracking_uri}: "
+                              f"`python -m gta sync {path}` sends its runs there, then report it")
         client = MlflowClient(parent.tracking_uri)
         layout = layout_of_sweep(path) or Layout(title=path.name)
         return Source(client, children(client, parent.run_id), layout, path.name, parent.run_id, path)

@@ -178,3 +178,11 @@ def test_a_source_without_runs_ends_with_its_message(tmp_path):
     unknown = gta("report", "table42", "--tracking-uri", store, cwd=tmp_path, returncode=1)
     assert "no runs tagged experiment=table42" in unknown.stderr
     assert "Traceback" not in not_a_sweep.stderr + unknown.stderr
+
+
+def test_a_sweep_whose_server_was_away_says_to_sync_first(tmp_path):
+    from gta.tracking.sweep import SweepParent
+
+    SweepParent("http://127.0.0.1:1", None, None, ("seed",)).write(tmp_path / "sweep")  # its parent never created
+    said = gta("report", str(tmp_path / "sweep"), cwd=tmp_path, returncode=1).stderr
+    assert f"never reached its tracking server http://127.0.0.1:1: `python -m gta sync {tmp_path / 'sweep'}`" in said
