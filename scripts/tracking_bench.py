@@ -151,8 +151,10 @@ def one_logger(uri: str, experiment: str, index: int, steps: int, metrics: int, 
         logger.log_metrics({f"m{k}": float(step * metrics + k) for k in range(metrics)}, step=step)
         time.sleep(every_ms / 1000)
     logged = time.perf_counter()
-    logger.close()
+    while not logger.flush():  # an overloaded server times requests out: drained is when all is stored
+        time.sleep(1)
     done = time.perf_counter()
+    logger.close()
     unsent = (Path(out) / "unsent_tracking.jsonl").is_file()
     print(json.dumps({"run_id": logger.run_id, "log_s": logged - start, "drain_s": done - logged,
                       "start": started, "end": time.time(), "unsent_file": unsent}), flush=True)
@@ -172,6 +174,9 @@ def load(args) -> dict:
         client = MlflowClient(uri)
         lost = duplicated = 0
         for report in reports:
+            if report["run_id"] is None:
+                lost += args.steps * args.metrics
+                continue
             for k in range(args.metrics):
                 got = [m.step for m in client.get_metric_history(report["run_id"], f"m{k}")]
                 lost += args.steps - len(set(got))

@@ -272,6 +272,24 @@ def test_a_run_that_starts_during_an_outage_is_created_later(store, client, tmp_
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 
+def test_a_creation_that_timed_out_after_reaching_the_store_is_not_made_twice(store, client, tmp_path, monkeypatch):
+    create_run = MlflowClient.create_run
+
+    def made_then_timed_out(self, *args, **kwargs):
+        create_run(self, *args, **kwargs)
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(MlflowClient, "create_run", made_then_timed_out)
+    with pytest.warns(RuntimeWarning, match="read timed out"):
+        logger = MLflowLogger(store, experiment_name="slow-create", fallback_dir=tmp_path)
+    monkeypatch.undo()
+    logger.log_metrics({"loss": 1.0}, step=1)
+    assert logger.flush()
+    logger.close()
+    (run,) = client.search_runs([client.get_experiment_by_name("slow-create").experiment_id])
+    assert run.info.run_id == logger.run_id and history(client, logger.run_id, "loss") == [(1, 1.0)]
+
+
 def test_a_frozen_server_holds_no_logging_call(tmp_path, monkeypatch):
     """A server that accepts connections and never answers (a frozen process, a partition): the constructor and
     every logging call return while the requests hang, and the run's end goes to the fallback file."""

@@ -19,6 +19,7 @@ import os
 import shlex
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Mapping
 from itertools import takewhile
@@ -46,6 +47,9 @@ CHANGED_PARAM_TAG_PREFIX = "changed_param."
 UNSENT_FILE = "unsent_tracking.jsonl"
 #: MLflow's experiment tag that tells its UI what the experiment holds
 EXPERIMENT_KIND = "mlflow.experimentKind"
+#: the tag that names a run before the store has given it an id: a creation that timed out but reached the store is
+#: found by it rather than made twice
+RUN_KEY_TAG = "gta.run_key"
 #: MLflow's own settings for its http requests, which it otherwise retries with backoff for minutes
 REQUEST_TIMEOUT, REQUEST_RETRIES = "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
@@ -148,7 +152,8 @@ class TrackedRun:
                 tags[MLFLOW_PARENT_RUN_ID] = parent
             elif spec.get("parent_file") and MLFLOW_PARENT_RUN_ID not in tags:
                 self.parent_file = spec["parent_file"]
-            run = self.client.create_run(experiment_id, run_name=spec.get("run_name"), tags=tags)
+            made = self.client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{tags[RUN_KEY_TAG]}'")
+            run = made[0] if made else self.client.create_run(experiment_id, run_name=spec.get("run_name"), tags=tags)
             self.run_id = run.info.run_id
         else:
             run = self.client.get_run(self.run_id)
@@ -310,7 +315,8 @@ class MLflowLogger(Logger):
         extra_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             extra_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        create = {"experiment_name": experiment_name, "run_name": run_name, "tags": extra_tags,
+        create = {"experiment_name": experiment_name, "run_name": run_name,
+                  "tags": extra_tags | {RUN_KEY_TAG: uuid.uuid4().hex},
                   "artifact_location": artifact_location, "parent_file": parent_file and str(parent_file),
                   "publish": publish and str(publish)}
         self._run = TrackedRun(MlflowClient(uri), uri, run_id, None if run_id else create)
