@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 pytestmark = pytest.mark.slow
 
 #: the job is held at HOLD until SLURM's warning has come (60 to 90 s into a start: SLURM checks limits every 30 s),
-#: so that at least one requeue happens on a machine of any speed
+#: so that at least one requeue happens on a machine of any speed (on a slow one the warning may come before HOLD)
 ITERS, EVERY, HOLD = 150, 50, 50
 
 
@@ -45,7 +45,8 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(lab, tmp_path, start_sw
 
     log = log_of(sweep_dir, job).read_text()
     resumed = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if line.startswith("resuming from")]
-    assert resumed and resumed[0] == HOLD + 1, log[-3000:]
+    # after the held iteration, or before it where start-up took longer than SLURM's warning (a loaded machine)
+    assert resumed and resumed[0] <= HOLD + 1 and resumed == sorted(resumed), log[-3000:]
     state, reference = teacher(sweep_dir / "0"), teacher(alone)
     assert all(torch.equal(state[k], reference[k]) for k in reference), "the requeued job's teacher differs"
     record = json.loads((sweep_dir / "0" / "result.json").read_text())
