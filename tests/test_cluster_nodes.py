@@ -17,13 +17,13 @@ from helpers import ROOT, environment, free_port, tiny
 pytestmark = pytest.mark.slow
 
 
-def steps(job: str) -> dict[str, dict[str, str]]:
-    """sacct's records of a job's steps (``<job>.batch``, ``<job>.0``, ...), by step id."""
-    out = subprocess.run(["sacct", "-P", "-j", job, "-o", "JobID,State,NNodes,NTasks,NodeList"], check=True,
+def ended_step(step: str) -> dict[str, str] | None:
+    """sacct's record of a job's step (``<job>.0``: the first ``srun``), once it says the step completed."""
+    out = subprocess.run(["sacct", "-P", "-j", step, "-o", "JobID,State,NNodes,NTasks,NodeList"], check=True,
                          capture_output=True, text=True).stdout.splitlines()
     keys = out[0].split("|")
     records = [dict(zip(keys, line.split("|"), strict=True)) for line in out[1:]]
-    return {r["JobID"]: r for r in records}
+    return next((r for r in records if r["JobID"] == step and r["State"] == "COMPLETED"), None)
 
 
 def test_two_node_job_matches_torchrun(lab, tmp_path, start_sweep):
@@ -33,11 +33,12 @@ def test_two_node_job_matches_torchrun(lab, tmp_path, start_sweep):
     sweep_dir = tmp_path / "sweep"
     process = start_sweep(sweep_dir, *run, *slurm("hydra.launcher.partition=two", "hydra.launcher.nodes=2",
                                                   "hydra.launcher.tasks_per_node=1"))
-    local, port = tmp_path / "torchrun", free_port()  # meanwhile, the same run as two torchrun "nodes", here
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "gta",
-                               "train", *run, f"hydra.run.dir={local}"], cwd=ROOT, env=environment(),
-                              stdout=(tmp_path / f"torchrun_{rank}.log").open("w"), stderr=subprocess.STDOUT)
+    local = tmp_path / "torchrun"  # meanwhile, the same run as two torchrun "nodes" on this machine
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    nodes = [subprocess.Popen([*torchrun, f"--node_rank={rank}", "-m", "gta", "train", *run, f"hydra.run.dir={local}"],
+                              cwd=ROOT, env=environment(), stdout=(tmp_path / f"torchrun_{rank}.log").open("w"),
+                              stderr=subprocess.STDOUT)
              for rank in (0, 1)]
     for rank, node in enumerate(nodes):
         assert node.wait(600) == 0, (tmp_path / f"torchrun_{rank}.log").read_text()[-5000:]
@@ -45,8 +46,7 @@ def test_two_node_job_matches_torchrun(lab, tmp_path, start_sweep):
 
     (job,) = job_ids(sweep_dir, 1)
     # the training's step: two tasks, one on each node; task i says it is on node i of 2
-    step = wait_for(lambda: steps(job).get(f"{job}.0", {}).get("State") == "COMPLETED" and steps(job)[f"{job}.0"],
-                    "the job's step to end in sacct", timeout=60)
+    step = wait_for(lambda: ended_step(f"{job}.0"), "the job's step to end in sacct", timeout=60)
     assert (step["NNodes"], step["NTasks"], step["NodeList"]) == ("2", "2", "n[1-2]"), step
     for task in (0, 1):
         log = (sweep_dir / ".submitit" / job / f"{job}_{task}_log.out").read_text()
