@@ -1,7 +1,7 @@
 """A job over two nodes on the local SLURM cluster (see test_cluster.py, whose helpers it shares): partition
 ``two`` of ``scripts/cluster.sh``, whose nodes n1 and n2 are two slurmd daemons on this host, under names that
-resolve nowhere, as a cluster's may not where its jobs run. In a module of its own so that it runs beside the
-other cluster tests."""
+resolve nowhere (a cluster's node names need not resolve where its jobs run). In a module of its own so that it
+runs beside the other cluster tests."""
 
 from __future__ import annotations
 
@@ -40,8 +40,12 @@ def test_two_node_job_matches_torchrun(lab, tmp_path, start_sweep):
                               cwd=ROOT, env=environment(), stdout=(tmp_path / f"torchrun_{rank}.log").open("w"),
                               stderr=subprocess.STDOUT)
              for rank in (0, 1)]
-    for rank, node in enumerate(nodes):
-        assert node.wait(600) == 0, (tmp_path / f"torchrun_{rank}.log").read_text()[-5000:]
+    try:
+        for rank, node in enumerate(nodes):
+            assert node.wait(600) == 0, (tmp_path / f"torchrun_{rank}.log").read_text()[-5000:]
+    finally:  # one failed: the other would wait for it at the rendezvous
+        for node in nodes:
+            node.kill()
     finish(process, sweep_dir, timeout=600)
 
     (job,) = job_ids(sweep_dir, 1)
