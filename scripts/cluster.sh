@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# A throw-away lab on 127.0.0.1: a single-node SLURM cluster with accounting (slurmctld, slurmd, slurmdbd over
-# MariaDB, munge) and an MLflow tracking server over PostgreSQL, for trying launcher=slurm and for the tests
-# that need them (tests/test_cluster.py). Everything it writes lives under one directory ($GTA_CLUSTER_DIR,
-# by default a directory of /tmp named after this checkout); it stops only the daemons it started, by the
-# PIDs it recorded. Needs root (daemons run as root, PostgreSQL as its system user) and Debian's packages,
-# which it installs when missing.
+# A throw-away lab on 127.0.0.1: a SLURM cluster with accounting (slurmctld, slurmdbd over MariaDB, munge) whose
+# default partition `cpu` is one node named after the host, and whose partition `two` is two more nodes, n1 and
+# n2, for jobs over two nodes (each node a slurmd of its own on this host), and an MLflow tracking server over
+# PostgreSQL, for trying launcher=slurm and for the tests that need them (tests/test_cluster*.py). Everything it
+# writes lives under one directory ($GTA_CLUSTER_DIR, by default a directory of /tmp named after this checkout);
+# it stops only the daemons it started, by the PIDs it recorded. Needs root (daemons run as root, PostgreSQL as
+# its system user) and Debian's packages, which it installs when missing.
 #
 #   scripts/cluster.sh start    # idempotent: starts what is not running; prints the variables to export
 #   scripts/cluster.sh env      # SLURM_CONF=... and GTA_CLUSTER_TRACKING_URI=... (exit 1 when not running)
@@ -18,6 +19,8 @@ DIR=${GTA_CLUSTER_DIR:-/tmp/gta-cluster-$(printf %s "$ROOT" | md5sum | cut -c1-8
 VENV=${VENV:-$ROOT/.venv}
 PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql)
 HOST=$(hostname -s)
+# the nodes, each with its slurmd: this host's (partition cpu) and two on the same host (partition two)
+NODES=("$HOST" n1 n2)
 # A requeued job may start again only once its credential expired (120 s by default): 10 s keeps tests short.
 CRED_EXPIRE=${GTA_CLUSTER_CRED_EXPIRE:-10}
 # The node advertises more CPUs than the machine has, so that several 1-CPU jobs run at once, and the memory
@@ -30,16 +33,21 @@ die() { say "$*"; exit 1; }
 
 alive() { [[ -s $1 ]] && kill -0 "$(head -1 "$1")" 2>/dev/null; }
 
-# NAME=port for each name, all different: every socket stays bound until all are chosen (ports asked for one
-# at a time can come back equal, since each is free again once its socket closes)
+# free_ports "TAKEN..." NAME...: NAME=port for each name, all different and none of TAKEN: every socket stays
+# bound until all are chosen (ports asked for one at a time can come back equal, since each is free again once
+# its socket closes)
 free_ports() {
   python3 -c '
 import socket, sys
-held = [socket.socket() for _ in sys.argv[1:]]
-for s in held:
+taken, names, held, chosen = set(map(int, sys.argv[1].split())), sys.argv[2:], [], []
+while len(chosen) < len(names):
+    s = socket.socket()
     s.bind(("127.0.0.1", 0))
-for name, s in zip(sys.argv[1:], held):
-    print(f"{name}={s.getsockname()[1]}")' "$@"
+    held.append(s)
+    if s.getsockname()[1] not in taken:
+        chosen.append(s.getsockname()[1])
+for name, port in zip(names, chosen):
+    print(f"{name}={port}")' "$@"
 }
 
 # wait_for SECONDS WHAT COMMAND...: poll COMMAND every 0.2 s
@@ -72,9 +80,16 @@ install_packages() {
 }
 
 # --- ports, chosen once and kept in $DIR/ports -----------------------------------------------------------------
+# The names missing from the file are chosen together, apart from those it holds: all of them at the first start;
+# N1_PORT and N2_PORT alone in a directory whose cluster was started before the partition two existed.
 ports() {
-  if [[ ! -s $DIR/ports ]]; then
-    free_ports CTLD_PORT SLURMD_PORT DBD_PORT MARIADB_PORT PG_PORT MLFLOW_PORT >"$DIR/ports"
+  local missing=() name
+  touch "$DIR/ports"
+  for name in CTLD_PORT SLURMD_PORT N1_PORT N2_PORT DBD_PORT MARIADB_PORT PG_PORT MLFLOW_PORT; do
+    grep -q "^$name=" "$DIR/ports" || missing+=("$name")
+  done
+  if ((${#missing[@]})); then
+    free_ports "$(cut -d= -f2 "$DIR/ports" | tr '\n' ' ')" "${missing[@]}" >>"$DIR/ports"
   fi
   # shellcheck disable=SC1091
   source "$DIR/ports"
@@ -83,7 +98,7 @@ ports() {
 write_configs() {
   local etc=$DIR/etc
   cat >"$etc/slurm.conf" <<EOF
-# a single-node cluster on 127.0.0.1, written by scripts/cluster.sh
+# a cluster on 127.0.0.1, written by scripts/cluster.sh: its nodes are slurmd daemons on this host
 ClusterName=gta
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -94,11 +109,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$DIR/munge/munge.socket.2,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$DIR/state/slurmctld
-SlurmdSpoolDir=$DIR/state/slurmd
+# one spool directory, PID file and log per slurmd (%n: the node's name)
+SlurmdSpoolDir=$DIR/state/slurmd/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 # no cgroups (no systemd): processes are tracked through /proc, tasks are not bound to cores
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -118,7 +134,13 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$DIR/munge/munge.socket.2
 JobAcctGatherType=jobacct_gather/none
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB State=UNKNOWN
-PartitionName=cpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# two nodes on this host, told apart by their slurmd's port: a job of partition two can span two nodes. Their
+# names resolve nowhere: SLURM reaches them by NodeAddr, and a job of several nodes finds its rendezvous address
+# in SLURM_LAUNCH_NODE_IPADDR, not in their names (gta/engine/distributed.py)
+NodeName=n1 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$N1_PORT CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB State=UNKNOWN
+NodeName=n2 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$N2_PORT CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB State=UNKNOWN
+PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=two Nodes=n1,n2 MaxTime=INFINITE State=UP
 EOF
   cat >"$etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
@@ -174,12 +196,17 @@ start_slurm() {
   if ! alive "$DIR/run/slurmctld.pid"; then
     slurmctld
   fi
-  if ! alive "$DIR/run/slurmd.pid"; then
-    slurmd
-  fi
-  # idle, or running jobs already (a restart while jobs run)
-  wait_for 30 "the node" bash -c "sinfo -h -o %t | grep -qxE 'idle|mix|alloc'" \
-    || die "the node did not come up: $DIR/log/slurmctld.log, $DIR/log/slurmd.log"
+  local node
+  for node in "${NODES[@]}"; do  # named, since the three share this host's name
+    alive "$DIR/run/slurmd-$node.pid" || slurmd -N "$node"
+  done
+  # every node idle, or running jobs already (a restart while jobs run)
+  wait_for 30 "the nodes" nodes_up \
+    || die "the nodes did not all come up: $(sinfo -h -N -o '%N %t' | tr '\n' ' ')($DIR/log/slurmctld.log, $DIR/log/slurmd-*.log)"
+}
+
+nodes_up() {
+  local states; states=$(sinfo -h -N -o %t) && [[ -n $states ]] && ! grep -vqxE 'idle|mix|alloc' <<<"$states"
 }
 
 pg_bin() { ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1; }
@@ -256,7 +283,10 @@ stop_all() {
     [[ -z $jobs ]] || { scancel --full $jobs 2>/dev/null || true; sleep 1; }
   fi
   stop_pid mlflow "$DIR/run/mlflow.pid" group
-  stop_pid slurmd "$DIR/run/slurmd.pid"
+  local file
+  for file in "$DIR"/run/slurmd*.pid; do  # slurmd.pid: the one slurmd of a cluster started before partition two
+    stop_pid slurmd "$file"
+  done
   stop_pid slurmctld "$DIR/run/slurmctld.pid"
   stop_pid slurmdbd "$DIR/run/slurmdbd.pid"
   stop_pid mariadb "$DIR/run/mariadb.pid"
@@ -274,7 +304,7 @@ case ${1:-status} in
 start)
   [[ $(id -u) == 0 ]] || die "needs root: SLURM's daemons and the package installation (run it with sudo)"
   start=$SECONDS
-  mkdir -p "$DIR"/{etc,log,run,munge,state/slurmctld,state/slurmd,mlartifacts}
+  mkdir -p "$DIR"/{etc,log,run,munge,state/slurmctld,mlartifacts} "${NODES[@]/#/$DIR/state/slurmd/}"
   install_packages
   ports
   write_configs
@@ -297,7 +327,7 @@ env)
 status)
   [[ -s $DIR/ports ]] || { say "not started ($DIR)"; exit 1; }
   ports; export SLURM_CONF=$DIR/etc/slurm.conf
-  for d in munged mariadb slurmdbd slurmctld slurmd mlflow; do
+  for d in munged mariadb slurmdbd slurmctld "${NODES[@]/#/slurmd-}" mlflow; do
     if alive "$DIR/run/$d.pid"; then echo "$d running ($(head -1 "$DIR/run/$d.pid"))"; else echo "$d stopped"; fi
   done
   sinfo 2>&1 || true

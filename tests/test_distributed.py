@@ -8,10 +8,12 @@ and exact resume.
 
 from __future__ import annotations
 
+import os
 import signal
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from gta.config import TrainerConfig
 from gta.data import Loaders, build_val_loader
 from gta.engine.checkpoint import load_checkpoint
-from gta.engine.distributed import DesyncError, Distributed
+from gta.engine.distributed import DesyncError, Distributed, _place
 from gta.engine.evaluate import EvalProtocol, Validation, confusion_matrices
 from gta.engine.guard import NonFiniteLossError
 from gta.engine.signals import TrainingInterrupted
@@ -294,3 +296,14 @@ def test_a_nonfinite_loss_on_one_rank_stops_all_before_the_checkpoint(source, tm
 def test_sync_bn_on_the_cpu_is_refused_by_name(source, tmp_path):
     with pytest.raises(ValueError, match=r"trainer.sync_bn=true needs CUDA \(this run is on cpu\)"):
         make_trainer(source.root, tmp_path, Distributed(), sync_bn=True)
+
+
+def test_a_slurm_task_meets_rank_0_at_the_launching_nodes_address():
+    """Task 1 of a job over the nodes n1 and n2, whose names resolve nowhere: its master is the address of the node
+    that launched the tasks (SLURM's), not the first node's name (submitit's)."""
+    job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+           "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.1"}
+    with mock.patch.dict(os.environ, job):  # and without what _place exports, after
+        assert _place() == (1, 2, 0)
+        assert os.environ["MASTER_ADDR"] == "10.0.0.1"

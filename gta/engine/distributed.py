@@ -236,13 +236,21 @@ def _place() -> tuple[int, int, int]:
 
     torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. A task of a submitit job
     (``launcher=slurm`` or ``launcher=local`` with several tasks) has them exported by submitit from its
-    job environment (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first node as master)."""
+    job environment (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, a port derived from the job id).
+
+    The master's address, where rank 0 holds the rendezvous, is on SLURM the address of the node that
+    launched the tasks, ``SLURM_LAUNCH_NODE_IPADDR``: submitit's batch script, which SLURM runs on the
+    job's first node, starts them with ``srun``, and task 0 runs on that first node. submitit would give
+    the first node's name, which need not resolve on the nodes: SLURM reaches a node by its address
+    (``NodeAddr``), which may differ from its name (``NodeName``)."""
     if os.environ.get("SUBMITIT_EXECUTOR"):
         import submitit
 
         if submitit.JobEnvironment().num_tasks > 1:
             # Device choice is ours (the GPU of the local rank), so CUDA_VISIBLE_DEVICES stays as it is.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            if os.environ["SUBMITIT_EXECUTOR"] == "slurm":
+                os.environ["MASTER_ADDR"] = os.environ["SLURM_LAUNCH_NODE_IPADDR"]
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1:
         return 0, 1, 0
