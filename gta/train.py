@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import os
 import sys
@@ -14,12 +15,12 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from gta.contract import check_method, check_network
-from gta.data import build_loaders, select_split, split_params, write_split
+from gta.data import build_loaders, crop_warning, select_split, split_params, write_split
 from gta.data.sampler import derive_seed
 from gta.engine import distributed
 from gta.engine.checkpoint import LAST, load_checkpoint
@@ -133,6 +134,33 @@ def open_logger(cfg: DictConfig, dist, run_dir: Path, name: str, state: dict | N
     return instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
 
 
+def targets(node: Any, key: str = "") -> list[tuple[str, str]]:
+    """``(key, import path)`` of every ``_target_`` in a config (as plain containers), depth first."""
+    if isinstance(node, dict):
+        found = [(key, node["_target_"])] if isinstance(node.get("_target_"), str) else []
+        return found + [t for k, v in node.items() for t in targets(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(node, list):
+        return [t for i, v in enumerate(node) for t in targets(v, f"{key}[{i}]")]
+    return []
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every class or function the config names imports, before anything is built; else a ConfigError naming
+    the key, and for a package Python cannot find, how to make it findable."""
+    for key, target in targets(OmegaConf.to_container(cfg, resolve=False)):
+        package = target.split(".")[0]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"{key}._target_={target}: Python finds no module {package}; put the directory that holds it on "
+                f"PYTHONPATH (PYTHONPATH=/path/to/that/dir gta train ...) or install its package (pip install -e "
+                "/path/to/the/project)"
+            )
+        try:
+            get_object(target)
+        except ImportError as err:
+            raise ConfigError(f"{key}._target_={target} does not import: {err.__cause__ or err}") from err
+
+
 def record_run(cfg: DictConfig, logger: Logger, run_dir: Path, split, overrides: list[str]) -> None:
     """Tags, params, the resolved config and the split lists, in the run directory and the tracking run."""
     logger.set_tags(run_tags(cfg, overrides, experiment_file()))
@@ -150,6 +178,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     dist = distributed.setup(cfg.device)
     if dist.is_main:
         warn_deprecated_variant()
+    check_targets(cfg)
     check_method(get_class(cfg.method._target_), f"method._target_={cfg.method._target_}")
     run_dir = ensure_writable(Path(run_dir or output_dir()))
     overrides = task_overrides()
@@ -169,6 +198,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
 
     source = instantiate(cfg.dataset)
     split = select_split(source, cfg.split, cfg.data.split_seed, cfg.data.split_dir, cfg.data.splits)
+    if dist.is_main and (warning := crop_warning(source, split.labeled)):
+        print(f"warning: {warning}", file=sys.stderr)
     method = instantiate(cfg.method, model=network_factory(cfg.model))
     loaders = build_loaders(
         source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
@@ -249,6 +280,8 @@ def summary(trainer: Trainer, source, split, logger: Logger) -> str:
     ]
     for model_name, value in result.miou.items():
         marker = "  <- reported" if model_name == trainer.reported else ""
+        if model_name == method.reported != trainer.reported:  # Method.reported_at: not yet worth reporting
+            marker = "  not reported: the run ended inside the warm-up, this is still the untrained copy"
         lines.append(f"  val mIoU {model_name:<9} {value:7.2%}{marker}  (last, step {result.step})")
     lines.append(f"  best     {trainer.reported:<9} {best['miou']:7.2%}  (step {best['step']})")
     lines.append(f"  wall time {trainer.wall_time:.0f} s")
