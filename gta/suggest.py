@@ -13,7 +13,7 @@ import inspect
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -73,12 +73,12 @@ def compose_without(full_key: str, config_name: str, overrides: list[str]) -> Di
     sweeps (one value of each is enough to tell the keys); None when it does not compose either."""
     try:
         parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
-    except ConfigCompositionException:
+    except HydraException:  # a flag's value (--config-dir DIR) is no override
         return None
     kept = [o.input_line for o in parsed if o.key_or_group != full_key and not o.is_sweep_override()]
     GlobalHydra.instance().clear()  # the failed command leaves Hydra initialised
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(config_name, overrides=kept, return_hydra_config=True)
-    except ConfigCompositionException:
+    except HydraException:
         return None
