@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from gta.engine.signals import STOP_SIGNALS, TrainingInterrupted
 from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import Trainer
 from gta.errors import ConfigError, MissingPathError
+from gta.suggest import did_you_mean
 from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import (
     SweepParent,
@@ -134,10 +136,10 @@ def open_logger(cfg: DictConfig, dist, run_dir: Path, name: str, state: dict | N
     return instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
 
 
-def targets(node: Any, key: str = "") -> list[tuple[str, str]]:
-    """``(key, import path)`` of every ``_target_`` in a config (as plain containers), depth first."""
+def targets(node: Any, key: str = "") -> list[tuple[str, dict]]:
+    """``(key, node)`` of every node with a ``_target_`` in a config (as plain containers), depth first."""
     if isinstance(node, dict):
-        found = [(key, node["_target_"])] if isinstance(node.get("_target_"), str) else []
+        found = [(key, node)] if isinstance(node.get("_target_"), str) else []
         return found + [t for k, v in node.items() for t in targets(v, f"{key}.{k}" if key else str(k))]
     if isinstance(node, list):
         return [t for i, v in enumerate(node) for t in targets(v, f"{key}[{i}]")]
@@ -145,9 +147,11 @@ def targets(node: Any, key: str = "") -> list[tuple[str, str]]:
 
 
 def check_targets(cfg: DictConfig) -> None:
-    """Every class or function the config names imports, before anything is built; else a ConfigError naming
-    the key, and for a package Python cannot find, how to make it findable."""
-    for key, target in targets(OmegaConf.to_container(cfg, resolve=False)):
+    """Every class or function the config names imports and takes the keys its node gives, before anything is
+    built; else a ConfigError naming the key, with how to make a package Python cannot find findable, or the
+    arguments the class takes."""
+    for key, node in targets(OmegaConf.to_container(cfg, resolve=False)):
+        target = node["_target_"]
         package = target.split(".")[0]
         if importlib.util.find_spec(package) is None:
             raise ConfigError(
@@ -156,9 +160,33 @@ def check_targets(cfg: DictConfig) -> None:
                 "/path/to/the/project)"
             )
         try:
-            get_object(target)
+            built = get_object(target)
         except ImportError as err:
             raise ConfigError(f"{key}._target_={target} does not import: {err.__cause__ or err}") from err
+        takes = keyword_arguments(built)
+        for name in node:
+            if takes is not None and not name.startswith("_") and name not in takes:
+                raise ConfigError(
+                    f"{key}.{name}: {target} takes no argument {name}{did_you_mean(name, takes)} Its arguments: "
+                    f"{', '.join(takes)}"
+                )
+
+
+def keyword_arguments(built: Any) -> list[str] | None:
+    """The arguments a function or class takes by name, a class's ``**kwargs`` followed up its bases' ``__init__``
+    (GTASeg passes its options on to SelfTraining); None where any name may do."""
+    functions = [c.__init__ for c in built.__mro__ if "__init__" in vars(c)] if isinstance(built, type) else [built]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names: list[str] = []
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):  # a callable whose signature Python cannot tell
+            return None
+        names += [p.name for p in parameters if p.kind in named and p.name != "self" and p.name not in names]
+        if all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return names
+    return None
 
 
 def record_run(cfg: DictConfig, logger: Logger, run_dir: Path, split, overrides: list[str]) -> None:

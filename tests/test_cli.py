@@ -86,6 +86,15 @@ def test_appending_is_suggested_only_for_a_key_the_target_takes(monkeypatch, cap
     assert err.startswith("method.drop: no such key of method=plain. Its keys:") and "+method" not in err
 
 
+def test_a_key_appended_against_the_advice_fails_naming_the_arguments_the_class_takes(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(monkeypatch, capsys, "train", "+method.dorp=0.3", "logger=none")
+    assert status == 1 and len(err.strip().splitlines()) == 1, err
+    # GTASeg passes **options on to SelfTraining, whose arguments count too
+    assert err.startswith("method.dorp: gta.methods.GTASeg takes no argument dorp; did you mean drop? Its arguments: "
+                          "model, ema, reweight, transmit, assistant_data, student_data, ignore_index, drop, ")
+
+
 def test_a_target_python_cannot_find_names_pythonpath_and_pip_install(monkeypatch, capsys, tmp_path):
     (tmp_path / "conf" / "method").mkdir(parents=True)
     (tmp_path / "conf" / "method" / "mine.yaml").write_text("_target_: my_fixmatch.FixMatch\n")
