@@ -31,10 +31,11 @@ def explain_composition(error: ConfigCompositionException, config_name: str, ove
     """The line for an unknown group option or key, or None for another composition error."""
     if isinstance(error, MissingConfigException) and "/" in (error.missing_cfg_file or ""):
         group, option = error.missing_cfg_file.rsplit("/", 1)
-        options = [o for o in error.options or [] if not o.startswith("schema_")]  # the schemas are gta's own
-        return f"{group}={option}: no such option of {group}{did_you_mean(option, options)} Its options: " + ", ".join(
-            options
-        )
+        # the schemas are gta's own, named only in config files' defaults lists (where a misspelt one is looked for)
+        schemas = option.startswith("schema_")
+        options = [o for o in error.options or [] if schemas or not o.startswith("schema_")]
+        near = did_you_mean(option, options)
+        return f"{group}={option}: no such option of {group}{near} Its options: {', '.join(options)}"
     cause = error.__cause__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
         return unknown_key(cause.full_key, config_name, overrides)
