@@ -139,7 +139,8 @@ def open_logger(cfg: DictConfig, dist, run_dir: Path, name: str, state: dict | N
 def targets(node: Any, key: str = "") -> list[tuple[str, dict]]:
     """``(key, node)`` of every node with a ``_target_`` in a config (as plain containers), depth first."""
     if isinstance(node, dict):
-        found = [(key, node)] if isinstance(node.get("_target_"), str) else []
+        target = node.get("_target_")
+        found = [(key, node)] if isinstance(target, str) and "${" not in target else []  # an interpolation: as built
         return found + [t for k, v in node.items() for t in targets(v, f"{key}.{k}" if key else str(k))]
     if isinstance(node, list):
         return [t for i, v in enumerate(node) for t in targets(v, f"{key}[{i}]")]
