@@ -72,9 +72,13 @@ def hydra_command(name: str, module: str) -> Callable[[], Any]:
             return importlib.import_module(f"gta.{module}").run(cfg)
         except Exception as error:
             user = user_error(error)
+            if user is None:
+                raise
             # A multirun's failed job is named by Hydra ("Error executing job with overrides"), then ``main``
             # prints the message; a single run prints it here, before Hydra would name an empty override list.
-            if user is None or FULL_ERROR or HydraConfig.get().mode == RunMode.MULTIRUN:
+            if FULL_ERROR or HydraConfig.get().mode == RunMode.MULTIRUN:
+                if user is not error:  # unwrapped: a job of another process returns its error pickled, causeless
+                    raise user from error
                 raise
             print(user, file=sys.stderr)
             raise SystemExit(1) from None
