@@ -77,7 +77,9 @@ class Segmenter(nn.Module):
     the logits cropped back, so any image size works.
 
     ``encoder_weights``: null (random), a tag smp or timm downloads (``imagenet``), or ``package`` (ImageNet
-    weights from an installed package, see ``PACKAGED_WEIGHTS``); ``weights_path``: a local file.
+    weights from an installed package, see ``PACKAGED_WEIGHTS``); ``weights_path``: a local file. A tag is
+    read from the hub's cache alone when the hub does not answer within ``HUB_TIMEOUT`` seconds, so weights
+    that are in neither fail at once, with what works offline (:class:`~gta.errors.UnavailableWeightsError`).
     ``mean`` / ``std`` record the input normalisation the weights were trained with (the dataset's
     default).
     """
