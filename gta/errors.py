@@ -19,6 +19,7 @@ __all__ = [
     "MissingPathError",
     "NoRunsError",
     "OccupiedPathError",
+    "UnavailableWeightsError",
     "UnreachableServerError",
     "UnwritablePathError",
     "UserError",
@@ -74,6 +75,10 @@ class UnwritablePathError(UserError, PermissionError):
 
 class UnreachableServerError(UserError, ConnectionError):
     """A server the config names does not answer."""
+
+
+class UnavailableWeightsError(UserError, ConnectionError):
+    """Pretrained weights the config asks for are neither in the local cache nor reachable over the network."""
 
 
 class NoRunsError(UserError, LookupError):

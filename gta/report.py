@@ -472,7 +472,7 @@ def report(source: str, out_dir: str | Path | None = None, tracking_uri: str | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gta report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a sweep directory, a parent run id, or an experiment name (table4)")
     parser.add_argument("--out", help="where table.md, table.csv and table.png go "
                                       "(default: <sweep dir>/report, else reports/<name>)")

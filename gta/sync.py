@@ -13,7 +13,7 @@ from gta.tracking.mlflow import UNSENT_FILE, replay_unsent
 
 def main(argv: list[str]) -> None:
     what = f"send what runs kept in {UNSENT_FILE} while their tracking server was away"
-    parser = argparse.ArgumentParser(prog="python -m gta sync", description=what)
+    parser = argparse.ArgumentParser(description=what)
     parser.add_argument("paths", nargs="*", type=Path, default=[Path()],
                         help=f"run or sweep directories (searched for {UNSENT_FILE}) or such files; "
                              "default: the current directory")

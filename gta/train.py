@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -14,12 +16,12 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from gta.contract import check_method, check_network
-from gta.data import build_loaders, select_split, split_params, write_split
+from gta.data import build_loaders, crop_warning, select_split, split_params, write_split
 from gta.data.sampler import derive_seed
 from gta.engine import distributed
 from gta.engine.checkpoint import LAST, load_checkpoint
@@ -29,6 +31,7 @@ from gta.engine.signals import STOP_SIGNALS, StopSignals, TrainingInterrupted, s
 from gta.engine.snapshots import Snapshots
 from gta.engine.trainer import Trainer
 from gta.errors import ConfigError, MissingPathError
+from gta.suggest import did_you_mean
 from gta.tracking import Logger, NullLogger, flatten_config
 from gta.tracking.sweep import (
     PARENT_FILE,
@@ -134,6 +137,60 @@ def open_logger(cfg: DictConfig, dist, run_dir: Path, name: str, state: dict | N
     return instantiate(cfg.logger, **{k: v for k, v in defaults.items() if cfg.logger.get(k, 1) is None})
 
 
+def targets(node: Any, key: str = "") -> list[tuple[str, dict]]:
+    """``(key, node)`` of every node with a ``_target_`` in a config (as plain containers), depth first."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        found = [(key, node)] if isinstance(target, str) and "${" not in target else []  # an interpolation: as built
+        return found + [t for k, v in node.items() for t in targets(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(node, list):
+        return [t for i, v in enumerate(node) for t in targets(v, f"{key}[{i}]")]
+    return []
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every class or function the config names imports and takes the keys its node gives, before anything is
+    built; else a ConfigError naming the key, with how to make a package Python cannot find findable, or the
+    arguments the class takes."""
+    for key, node in targets(OmegaConf.to_container(cfg, resolve=False)):
+        target = node["_target_"]
+        package = target.split(".")[0]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"{key}._target_={target}: Python finds no module {package}; put the directory that holds it on "
+                f"PYTHONPATH (PYTHONPATH=/path/to/that/dir gta train ...) or install its package (pip install -e "
+                "/path/to/the/project)"
+            )
+        try:
+            built = get_object(target)
+        except ImportError as err:
+            raise ConfigError(f"{key}._target_={target} does not import: {err.__cause__ or err}") from err
+        takes = keyword_arguments(built)
+        for name in node:
+            if takes is not None and not name.startswith("_") and name not in takes:
+                raise ConfigError(
+                    f"{key}.{name}: {target} takes no argument {name}{did_you_mean(name, takes)} Its arguments: "
+                    f"{', '.join(takes)}"
+                )
+
+
+def keyword_arguments(built: Any) -> list[str] | None:
+    """The arguments a function or class takes by name, a class's ``**kwargs`` followed up its bases' ``__init__``
+    (GTASeg passes its options on to SelfTraining); None where any name may do."""
+    functions = [c.__init__ for c in built.__mro__ if "__init__" in vars(c)] if isinstance(built, type) else [built]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names: list[str] = []
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):  # a callable whose signature Python cannot tell
+            return None
+        names += [p.name for p in parameters if p.kind in named and p.name != "self" and p.name not in names]
+        if all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
 def record_run(cfg: DictConfig, logger: Logger, run_dir: Path, split, overrides: list[str]) -> None:
     """Tags, params, the resolved config and the split lists, in the run directory and the tracking run."""
     logger.set_tags(run_tags(cfg, overrides, experiment_file()))
@@ -158,6 +215,7 @@ def train_job(cfg: DictConfig, run_dir: Path | None, stop: StopSignals) -> float
     dist = distributed.setup(cfg.device)
     if dist.is_main:
         warn_deprecated_variant()
+    check_targets(cfg)
     check_method(get_class(cfg.method._target_), f"method._target_={cfg.method._target_}")
     run_dir = ensure_writable(Path(run_dir or output_dir()))
     overrides = task_overrides()
@@ -177,6 +235,8 @@ def train_job(cfg: DictConfig, run_dir: Path | None, stop: StopSignals) -> float
 
     source = instantiate(cfg.dataset)
     split = select_split(source, cfg.split, cfg.data.split_seed, cfg.data.split_dir, cfg.data.splits)
+    if dist.is_main and (warning := crop_warning(source, split.labeled)):
+        print(f"warning: {warning}", file=sys.stderr)
     method = instantiate(cfg.method, model=network_factory(cfg.model))
     loaders = build_loaders(
         source, split, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
@@ -258,6 +318,8 @@ def summary(trainer: Trainer, source, split, logger: Logger) -> str:
     ]
     for model_name, value in result.miou.items():
         marker = "  <- reported" if model_name == trainer.reported else ""
+        if model_name == method.reported != trainer.reported:  # Method.reported_at: not yet worth reporting
+            marker = "  not reported: the run ended inside the warm-up, this is still the untrained copy"
         lines.append(f"  val mIoU {model_name:<9} {value:7.2%}{marker}  (last, step {result.step})")
     lines.append(f"  best     {trainer.reported:<9} {best['miou']:7.2%}  (step {best['step']})")
     lines.append(f"  wall time {trainer.wall_time:.0f} s")

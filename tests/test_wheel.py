@@ -65,7 +65,7 @@ def run(*command: str | Path, cwd: Path, **env: str) -> subprocess.CompletedProc
 def wheel(tmp_path_factory) -> Path:
     """``pip wheel --no-deps`` of a copy of the checkout (a build writes build/ and *.egg-info where it runs)."""
     source, dist = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist")
-    for name in ("gta", "conf", "experiments"):
+    for name in ("gta", "conf", "experiments", "docs"):
         shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source)
@@ -84,6 +84,13 @@ def test_the_wheel_carries_the_config_tree_and_the_experiments(wheel):
                    for p in (ROOT / "experiments").rglob("*.yaml")}  # fmt: skip
     assert "gta/conf/train.yaml" in conf and "gta/conf/experiment/table4.yaml" in experiments
     assert packaged == conf | experiments
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_documentation(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = {name for name in archive.namelist() if name.startswith("gta/docs/")}
+    assert packaged == {f"gta/docs/{p.name}" for p in (ROOT / "docs").glob("*.md")} and "gta/docs/extending.md" in packaged
 
 
 @pytest.mark.slow

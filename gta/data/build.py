@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate, get_worker_info
 
 from gta.errors import ConfigError, DataError, MissingFilesError, MissingPathError
@@ -166,6 +167,26 @@ def _split_from_dir(source: SegmentationSource, pools: dict[str, list[Sample]], 
     return SplitData(chosen["labeled"], chosen["unlabeled"], list(pools["val"]), "split_dir", str(split_dir))
 
 
+def _read_pools(source: SegmentationSource) -> dict[str, list[Sample]]:
+    """``source.pools()``, failing on a root that does not exist whatever the class does with it (a dataset class
+    of the user's may list nothing there, or stumble on the first file it opens)."""
+    missing = MissingPathError(
+        f"Dataset root {source.root} does not exist (or is not a directory): set dataset.root to where "
+        f"{type(source).__name__} finds its files"
+    )
+    try:
+        pools = source.pools()
+    except MissingPathError:
+        raise
+    except FileNotFoundError as err:
+        if source.root.is_dir():
+            raise
+        raise missing from err
+    if not source.root.is_dir():
+        raise missing
+    return pools
+
+
 def select_split(
     source: SegmentationSource,
     split: int | str,
@@ -187,7 +208,7 @@ def select_split(
     # A bad split fails before the dataset is read.
     count = None if listed else _parse_split(split)
     path = published_list(source, family, split) if listed else None
-    pools = source.pools()
+    pools = _read_pools(source)
     _unique_ids(pools, source.root)
     if split_dir is not None:
         result = _split_from_dir(source, pools, Path(split_dir))
@@ -219,6 +240,33 @@ def select_split(
         raise DataError(f"Labeled samples without a mask in {source.root}: {missing_masks[:5]}")
     _check_files_exist(result)
     return result
+
+
+#: at most this many labeled images are measured to tell whether the crop fits them
+MEASURED = 20
+
+
+def crop_warning(source: SegmentationSource, samples: list[Sample]) -> str | None:
+    """What to tell a person whose crop (``source.crop_size``) is larger than most of the images even at the
+    largest scale of ``source.scale_range``: every crop is then mostly padding, which costs time and teaches
+    nothing. None when the crop fits; up to ``MEASURED`` images, spread over ``samples``, are measured."""
+    sizes = []
+    for sample in samples[:: max(1, len(samples) // MEASURED)][:MEASURED]:
+        try:
+            with Image.open(sample.image) as image:
+                sizes.append(image.size)
+        except OSError:  # an unusable file is the loaders' to report
+            continue
+    too_small = [(w, h) for w, h in sizes if max(w, h) * source.scale_range[1] < source.crop_size]
+    if len(too_small) <= len(sizes) / 2:
+        return None
+    width, height = (sorted(side)[len(side) // 2] for side in zip(*sizes, strict=True))
+    fitting = sorted(min(size) for size in sizes)[len(sizes) // 2]
+    return (
+        f"dataset.crop_size={source.crop_size} is larger than {len(too_small)} of {len(sizes)} labeled images measured "
+        f"(typically {width}x{height}), even scaled by {source.scale_range[1]:g} (dataset.scale_range): every crop is "
+        f"mostly padding, which costs time and teaches nothing; set dataset.crop_size={fitting}"
+    )
 
 
 def _check_files_exist(split: SplitData) -> None:

