@@ -211,3 +211,32 @@ def test_python_m_gta_train_method_cps(tmp_path):
     result = gta("train", "method=cps", *tiny(tmp_path / "data", iters=3), f"hydra.run.dir={tmp_path / 'run'}")
     assert "CPS on SyntheticShapes" in result.stdout and "val mIoU net1" in result.stdout
     assert "net2" in result.stdout and (tmp_path / "run" / "net1.pt").is_file()
+
+
+@pytest.mark.usefixtures("hydra_conf")
+@pytest.mark.parametrize(("dataset", "expected", "method"), [
+    ("pascal_voc", {"model.output_stride": ("8", "16"), "dataset.crop_size": ("513", "512"),
+                    "data.batch_size": ("3", "2"), "optimizer.lr": ("0.001", "0.005"), "trainer.epochs": ("80", "34"),
+                    "trainer.decoder_lr_mult": ("10.0", "1.0"), "eval.mode": ("center_crop", "whole")},
+     {"cps_weight": 1.0, "boxes": 3, "box_area": [0.25, 0.5], "ohem_thresh": None}),
+    ("pascal_voc_aug", {"model.output_stride": ("8", "16"), "dataset.crop_size": ("513", "512"),
+                        "data.batch_size": ("3", "2"), "optimizer.lr": ("0.001", "0.005"),
+                        "trainer.epochs": ("80", "34"), "trainer.decoder_lr_mult": ("10.0", "1.0"),
+                        "eval.mode": ("center_crop", "whole")},
+     {"cps_weight": 1.0, "ohem_thresh": None}),
+    ("cityscapes", {"model.output_stride": ("8", "16"), "dataset.crop_size": ("769", "800"),
+                    "optimizer.lr": ("0.01", "0.04"), "optimizer.weight_decay": ("0.0005", "0.0001"),
+                    "trainer.epochs": ("200", "137"), "trainer.decoder_lr_mult": ("10.0", "1.0"),
+                    "eval.crop_size": ("769", "800"), "eval.stride": ("513", "533")},
+     {"cps_weight": 5.0, "ohem_thresh": 0.7, "ohem_min_kept": 100000}),
+])  # fmt: skip
+def test_cpss_recipe_differs_from_gta_segs_where_its_released_one_does(dataset, expected, method):
+    """``dataset=D method=cps``: CPS's recipe on the same dataset and labeled list; the command line still wins."""
+    from hydra import compose
+    from test_unimatch import differences
+
+    gta_seg = compose("train", overrides=[f"dataset={dataset}"])
+    two = compose("train", overrides=[f"dataset={dataset}", "method=cps"])
+    assert differences(gta_seg, two) == expected
+    assert {k: two.method[k] for k in method} == method and two.split == gta_seg.split
+    assert compose("train", overrides=[f"dataset={dataset}", "method=cps", "method.cps_weight=1.5"]).method.cps_weight == 1.5
