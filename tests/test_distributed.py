@@ -31,7 +31,7 @@ from gta.engine.evaluate import EvalProtocol, Validation, confusion_matrices
 from gta.engine.guard import NonFiniteLossError
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
-from gta.methods import CPS, GTASeg, UnbiasedST
+from gta.methods import CPS, GTASeg, MeanTeacher, UnbiasedST
 from gta.methods.ema import EMA
 from gta.methods.reweight import Uniform
 from gta.tracking import NullLogger
@@ -149,11 +149,13 @@ class FixedBatches:
 
 
 EQUIVALENCE_ITERS, EQUIVALENCE_IPE, GLOBAL_BATCH = 4, 2, 4  # a warm-up epoch, then a semi-supervised one
-#: two trained models updated one after the other; a head used outside forward(); two updated from one
-#: iteration's forwards, with a second unlabeled batch. No CutMix, no dropped pixels, no re-weighting.
+#: two trained models updated one after the other; a head used outside forward(); one forward over labeled and
+#: unlabeled images from the first iteration on (CutMix-Seg's options; its CutMix pairs images of a process's
+#: batch, so it is off here as for every method); two models updated from one iteration's forwards, with a
+#: second unlabeled batch. No CutMix, no dropped pixels, no re-weighting.
 SELF_TRAINING = {"ema": EMA(0.9, ramp=False), "reweight": Uniform(), "drop": 0.0, "cutmix_prob": 0.0}
 METHODS = {"gta": partial(GTASeg, **SELF_TRAINING), "unbiased_st": partial(UnbiasedST, **SELF_TRAINING),
-           "cps": partial(CPS, boxes=0)}
+           "cutmix_seg": partial(MeanTeacher, **SELF_TRAINING, warmup_epochs=0), "cps": partial(CPS, boxes=0)}
 
 
 def equivalence_trainer(method: str, run_dir: Path, dist: Distributed, share: slice) -> Trainer:
