@@ -15,7 +15,7 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import ITERS, SPLIT, Recorder, assert_same_state, tiny
+from helpers import ITERS, SPLIT, Recorder, assert_same_state, make_batch, snapshot, tiny
 from tiny import TinySegmenter
 from torch import nn
 
@@ -142,6 +142,23 @@ def test_the_two_networks_start_apart_and_the_first_is_reported():
     m = CPS(partial(TinySegmenter, 3))
     assert m.reported == "net1" and set(m.trained_models()) == set(m.evaluated_models()) == {"net1", "net2"}
     assert not torch.equal(m.net1.head.weight, m.net2.head.weight)
+
+
+def test_inspect_shows_both_pseudo_labels_and_where_they_differ_and_changes_nothing():
+    torch.manual_seed(0)
+    m = CPS(partial(TinySegmenter, 3))
+    batch = make_batch()
+    batch.unlabeled_mask[:, :, 6:] = 255  # two columns of crop padding
+    before = snapshot(m.state_dict().values())
+    rng = torch.get_rng_state()
+    maps = m.inspect(batch)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(m.state_dict().values()), strict=True))
+    assert list(maps) == ["pseudo-label net1", "pseudo-label net2", "disagree"]
+    one, two, disagree = maps.values()
+    padding = batch.unlabeled_mask == 255
+    assert (one[padding] == 255).all() and (two[padding] == 255).all() and not disagree[padding].any()
+    assert torch.equal(disagree, ~padding & (one != two)) and disagree.any()
 
 
 def test_box_masks_cover_25_to_50_percent_in_one_box():
