@@ -227,3 +227,29 @@ def test_python_m_gta_train_method_u2pl(tmp_path):
     assert "U2PL on SyntheticShapes" in result.stdout and "val mIoU teacher" in result.stdout
     assert (tmp_path / "run" / "teacher.pt").is_file()
 
+
+
+# --- recipes --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("hydra_conf")
+@pytest.mark.parametrize(("dataset", "expected", "method_values"), [
+    ("pascal_voc", {"data.batch_size": ("3", "4")}, {"ohem_thresh": 0.7, "ohem_min_kept": 100000, "warmup_epochs": 1}),
+    ("pascal_voc_aug", {"data.batch_size": ("3", "4")}, {"ohem_thresh": 0.7, "warmup_epochs": 1}),
+    ("cityscapes", {}, {"ohem_thresh": 0.7, "warmup_epochs": 0}),
+])  # fmt: skip
+def test_u2pls_recipe_differs_from_gta_segs_where_its_released_one_does(dataset, expected, method_values):
+    """``dataset=D method=u2pl``: GTA-Seg's recipes come from U2PL's, so little differs beside the method's own
+    settings; the released values of those are the schema's defaults."""
+    from hydra import compose
+    from test_unimatch import differences
+
+    gta_seg = compose("train", overrides=[f"dataset={dataset}"])
+    theirs = compose("train", overrides=[f"dataset={dataset}", "method=u2pl"])
+    assert differences(gta_seg, theirs) == expected
+    assert {k: theirs.method[k] for k in method_values} == method_values and theirs.split == gta_seg.split
+    defaults = {"unreliable": 20.0, "low_entropy": 20.0, "low_rank": 3, "high_rank": 20, "anchor_thresh": 0.3,
+                "negative_thresh": 1.0, "queries": 256, "negatives": 50, "temperature": 0.5, "queue_size": 30000,
+                "background_queue_size": 50000, "cutmix_prob": 0.5, "unsup_weight": 1.0, "contrastive_weight": 1.0}
+    assert {k: theirs.method[k] for k in defaults} == defaults
+    assert theirs.ema.alpha == 0.99
