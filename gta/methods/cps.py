@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gta.contract import Batch, Method, Progress, Update
-from gta.methods.unimatch import ohem_cross_entropy, paste
+from gta.methods.ohem import labeled_cross_entropy
+from gta.methods.unimatch import paste
 
 
 def box_masks(batch: int, height: int, width: int, boxes: int, area: Sequence[float], device: torch.device) -> Tensor:
@@ -56,7 +57,7 @@ class CPS(Method):
 
     ``cps_weight``: λ; ``boxes`` and ``box_area``: the CutMix boxes per image and the range of the share of
     the crop they cover together; ``ohem_thresh`` / ``ohem_min_kept``: the labeled loss counts only the hard
-    pixels (as UniMatch's, ``gta.methods.unimatch.ohem_cross_entropy``; None: the plain cross-entropy). The
+    pixels (``gta.methods.ohem``; None: the plain cross-entropy). The
     defaults are the released PASCAL VOC recipe's (CPS + CutMix)."""
 
     reported = "net1"
@@ -84,11 +85,6 @@ class CPS(Method):
     def evaluated_models(self) -> dict[str, nn.Module]:
         return {"net1": self.net1, "net2": self.net2}
 
-    def supervised_loss(self, logits: Tensor, mask: Tensor) -> Tensor:
-        if self.ohem_thresh is None:
-            return F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
-        return ohem_cross_entropy(logits, mask, self.ignore_index, self.ohem_thresh, self.ohem_min_kept)
-
     @torch.no_grad()
     def pseudo_label(self, network: nn.Module, batch: Batch, box: Tensor) -> Tensor:
         """Step 2: ŷ of ``network`` for the mixed image, each part from the image it was cut from (the
@@ -112,7 +108,8 @@ class CPS(Method):
         stats = {}
         for name, network, target in (("net1", self.net1, label2), ("net2", self.net2, label1)):
             loss_cps = F.cross_entropy(network(mixed).float(), target, ignore_index=self.ignore_index)
-            loss_sup = self.supervised_loss(network(batch.image), batch.mask)
+            loss_sup = labeled_cross_entropy(network(batch.image), batch.mask, self.ignore_index, self.ohem_thresh,
+                                             self.ohem_min_kept)
             update(name, loss_sup + self.cps_weight * loss_cps)
             stats |= {f"{name}/loss_l": loss_sup.detach(), f"{name}/loss_cps": loss_cps.detach()}
         agree = (label1 == label2) & (label1 != self.ignore_index)

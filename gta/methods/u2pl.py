@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from gta.contract import Batch, DecoderFeatures, Progress, Update, require
 from gta.methods.base import SelfTraining, follower
 from gta.methods.ema import EMA, ema_model_
+from gta.methods.ohem import labeled_cross_entropy
 from gta.methods.pseudo_label import mixed_predictions
 from gta.methods.reweight import Uniform
-from gta.methods.unimatch import ohem_cross_entropy
 
 #: the representation's dimension and the dropout of its head, as the released decoder's
 REPRESENTATION_DIM, REPRESENTATION_DROPOUT = 256, 0.1
@@ -150,7 +150,7 @@ class U2PL(SelfTraining):
     """Teacher-student self-training on the reliable pixels, and a contrastive loss whose negatives are the
     unreliable ones (module docstring). ``unsup_weight``: μ; ``contrastive_weight``: λ_c; ``warmup_epochs``,
     ``cutmix_prob``, ``ignore_index``: as ``SelfTraining``'s; ``ohem_thresh`` / ``ohem_min_kept``: the labeled
-    loss's hard pixels, as UniMatch's (None: the plain cross-entropy). The defaults are the released PASCAL VOC
+    loss's hard pixels (``gta.methods.ohem``; None: the plain cross-entropy). The defaults are the released PASCAL VOC
     configuration's, the labeled loss aside (its OHEM is the recipe's, conf/method_recipe/u2pl/)."""
 
     def __init__(
@@ -204,11 +204,6 @@ class U2PL(SelfTraining):
         super().hand_over()
         self.student.teacher_representation.load_state_dict(self.student.model.representation.state_dict())
 
-    def labeled_criterion(self, logits: Tensor, mask: Tensor) -> Tensor:
-        if self.ohem_thresh is None:
-            return F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
-        return ohem_cross_entropy(logits, mask, self.ignore_index, self.ohem_thresh, self.ohem_min_kept)
-
     def semi_supervised_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:
         t = progress.epoch / progress.epochs
         # step 1: the teacher's pseudo-labels of the un-mixed images, then CutMix
@@ -227,7 +222,7 @@ class U2PL(SelfTraining):
             probs = teacher_logits.float().softmax(dim=1)
 
         # step 3: L_s and L_u on the reliable pixels
-        loss_l = self.labeled_criterion(logits[:n], batch.mask)
+        loss_l = labeled_cross_entropy(logits[:n], batch.mask, self.ignore_index, self.ohem_thresh, self.ohem_min_kept)
         loss_u, reliable = self.unlabeled_loss(logits[n:], label, entropy(probs[n:]), self.unreliable * (1 - t))
 
         # step 4: L_c with the unreliable pixels as negatives
