@@ -36,14 +36,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Progress:
-    """Where training is: the global iteration (0-based) and the length of an epoch."""
+    """Where training is: the global iteration (0-based), the length of an epoch and, for a method whose
+    settings move over training (U2PL's thresholds), the run's length in iterations (None where the caller
+    does not know it)."""
 
     iteration: int
     iters_per_epoch: int
+    total: int | None = None
 
     @property
     def epoch(self) -> int:
         return self.iteration // self.iters_per_epoch
+
+    @property
+    def epochs(self) -> int:
+        """The run's length in epochs, the last one counted even where it is cut short."""
+        if self.total is None:
+            raise ValueError("Progress.total is unknown: the run's length was not given")
+        return -(-self.total // self.iters_per_epoch)
 
 
 @dataclass
@@ -211,6 +221,22 @@ class PerturbedDecoding(Protocol):
     def perturbed_forward(self, x: Tensor, perturb: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
         """The logits of ``x``, and those decoded from ``x``'s features after ``perturb``: one encoder pass,
         one decoder pass over both (so that the decoder's normalisation sees both, as in one forward)."""
+        ...
+
+
+@runtime_checkable
+class DecoderFeatures(Protocol):
+    """A network that returns, with its logits, the features its mask predictor reads (U2PL's representation
+    head reads them too): a capability beyond :class:`SegmentationNetwork` that a method may require.
+    ``Segmenter`` offers it; a method that needs it checks with :func:`require`."""
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits of ``x`` (N x C x H x W) and the features they are predicted from (N x D x h x w, at the
+        decoder's resolution, covering the image), from one forward."""
+        ...
+
+    def feature_channels(self) -> int:
+        """D: the number of channels of those features."""
         ...
 
 

@@ -1,4 +1,4 @@
-"""SupOnly, Mean Teacher, GTA-Seg and UniMatch at a dataset's default budget over five seeds, beside the
+"""SupOnly, Mean Teacher, GTA-Seg, UniMatch and CPS at a dataset's default budget over five seeds, beside the
 all-labels bound (SupOnly on every labeled image for the same number of iterations), for the dataset's
 own network and for the ImageNet-pretrained EfficientNet-Lite0 (``model=deeplabv3plus_lite0``).
 
@@ -42,8 +42,10 @@ from gta.train import REFERENCE, RESULT_FILE
 ROOT = Path(__file__).resolve().parents[1]
 
 #: the rows: the baseline first (every other row is compared with it), then the methods, as the paper's
-#: tables define them, and UniMatch, the method most compared with since 2023 (conf/method/)
-METHODS = {"SupOnly": "suponly", "Mean Teacher": "mean_teacher", "GTA-Seg": "gta", "UniMatch": "unimatch"}
+#: tables define them, UniMatch, the method most compared with since 2023, and CPS, the two-network baseline of
+#: Table 1 (conf/method/)
+METHODS = {"SupOnly": "suponly", "Mean Teacher": "mean_teacher", "GTA-Seg": "gta", "UniMatch": "unimatch",
+           "CPS": "cps"}
 BASELINE = next(iter(METHODS))
 #: the rows --recheck-threads trains again by default: the pair the README's central claim compares
 RECHECKED = ("SupOnly", "GTA-Seg")

@@ -59,7 +59,7 @@ def test_compare_states_intervals_ties_and_how_far_a_seed_moves(tmp_path):
     each method its difference to SupOnly paired by seed, and the rerun of two seeds at 2 threads how far they
     moved."""
     values = {"suponly": [58, 59, 60], "mean_teacher": [61, 62, 63], "gta": [60, 62, 61], "unimatch": [64, 66, 65],
-              "all-labels": [80, 81, 82]}
+              "cps": [62, 61, 63], "all-labels": [80, 81, 82]}
     for name, vs in values.items():
         for seed, v in enumerate(vs):
             finished(tmp_path / "compare" / f"own-{name}-seed{seed}", v, 200 if name == "all-labels" else 20)
@@ -90,7 +90,8 @@ def test_compare_states_intervals_ties_and_how_far_a_seed_moves(tmp_path):
     assert gta["difference"] == {"to": "SupOnly", "mean": 2.0, "std": 1.0, "n": 3, "low": -0.48, "high": 4.48,
                                  "verdict": "tie"}
     assert record["rows"][3]["method"] == "UniMatch" and record["rows"][3]["difference"]["mean"] == 6.0
-    assert record["rows"][4]["labeled"] == 200 and "difference" not in record["rows"][4]
+    assert record["rows"][4]["method"] == "CPS" and record["rows"][4]["difference"]["mean"] == 3.0
+    assert record["rows"][5]["labeled"] == 200 and "difference" not in record["rows"][5]
     assert [(m["n"], m["max_abs"]) for m in record["moved"]] == [(4, 1.25), (2, 0.5)]
 
 
@@ -105,7 +106,7 @@ def test_compare_runs_the_grid_with_the_all_labels_bound(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "out" / "compare.json").read_text())["rows"]
     assert [(r["method"], r["labeled"]) for r in rows] == [("SupOnly", 4), ("Mean Teacher", 4), ("GTA-Seg", 4),
-                                                           ("UniMatch", 4), ("SupOnly", 8)]
+                                                           ("UniMatch", 4), ("CPS", 4), ("SupOnly", 8)]
     assert all(len(r["values"]) == 2 and r["iterations"] == 3 for r in rows)  # the bound: as many iterations
     table = (tmp_path / "out" / "compare.md").read_text().splitlines()
     assert table[0].startswith("| network | method | labels |") and len(table) == 2 + len(rows)

@@ -33,7 +33,7 @@ from gta.engine.evaluate import EvalProtocol, Validation, confusion_matrices
 from gta.engine.guard import NonFiniteLossError
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
-from gta.methods import GTASeg, UnbiasedST
+from gta.methods import CPS, GTASeg, MeanTeacher, UnbiasedST
 from gta.methods.ema import EMA
 from gta.methods.reweight import Uniform
 from gta.tracking import NullLogger
@@ -151,7 +151,13 @@ class FixedBatches:
 
 
 EQUIVALENCE_ITERS, EQUIVALENCE_IPE, GLOBAL_BATCH = 4, 2, 4  # a warm-up epoch, then a semi-supervised one
-METHODS = {"gta": GTASeg, "unbiased_st": UnbiasedST}  # two trained models; a head used outside forward()
+#: two trained models updated one after the other; a head used outside forward(); one forward over labeled and
+#: unlabeled images from the first iteration on (CutMix-Seg's options; its CutMix pairs images of a process's
+#: batch, so it is off here as for every method); two models updated from one iteration's forwards, with a
+#: second unlabeled batch. No CutMix, no dropped pixels, no re-weighting.
+SELF_TRAINING = {"ema": EMA(0.9, ramp=False), "reweight": Uniform(), "drop": 0.0, "cutmix_prob": 0.0}
+METHODS = {"gta": partial(GTASeg, **SELF_TRAINING), "unbiased_st": partial(UnbiasedST, **SELF_TRAINING),
+           "cutmix_seg": partial(MeanTeacher, **SELF_TRAINING, warmup_epochs=0), "cps": partial(CPS, boxes=0)}
 
 
 def equivalence_trainer(method: str, run_dir: Path, dist: Distributed, share: slice) -> Trainer:
@@ -169,10 +175,11 @@ def equivalence_trainer(method: str, run_dir: Path, dist: Distributed, share: sl
 
     labeled = [(images(), masks()) for _ in range(EQUIVALENCE_IPE)]
     unlabeled = [(images(), torch.zeros_like(masks())) for _ in range(EQUIVALENCE_IPE)]
-    loaders = Loaders(FixedBatches(labeled), FixedBatches(unlabeled), [labeled[0]], EQUIVALENCE_IPE)
     torch.manual_seed(dist.rank)
-    trained = METHODS[method](partial(TinyGN, 3), ema=EMA(0.9, ramp=False), reweight=Uniform(), drop=0.0,
-                              cutmix_prob=0.0)
+    trained = METHODS[method](partial(TinyGN, 3))
+    second = [(images(), torch.zeros_like(masks())) for _ in range(EQUIVALENCE_IPE)]
+    loaders = Loaders(FixedBatches(labeled), FixedBatches(unlabeled), [labeled[0]], EQUIVALENCE_IPE,
+                      second_unlabeled=FixedBatches(second) if trained.second_unlabeled else None)
     config = TrainerConfig(iters=EQUIVALENCE_ITERS, epochs=1, log_every=1, eval_every=0, checkpoint_every=0,
                            decoder_lr_mult=1.0, check_sync_every=1)
     validation = Validation(loaders.val, EvalProtocol(), 3, 255, ["a", "b", "c"])

@@ -29,7 +29,8 @@ from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
 from gta.errors import ConfigError, ContractError
 from gta.methods import UniMatch
-from gta.methods.unimatch import Targets, cutmix_boxes, ohem_cross_entropy, unlabeled_loss
+from gta.methods.ohem import ohem_cross_entropy
+from gta.methods.unimatch import Targets, cutmix_boxes, unlabeled_loss
 
 LN = math.log
 

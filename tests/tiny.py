@@ -20,6 +20,13 @@ class TinySegmenter(nn.Module):
         features = self.features(x)
         return self.head(torch.cat([features, perturb(features)])).chunk(2)
 
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return self.head(features), features
+
+    def feature_channels(self) -> int:
+        return 6
+
     def new_mask_predictor(self) -> nn.Module:
         return nn.Conv2d(6, self.head.out_channels, 1)
 

@@ -135,7 +135,8 @@ class Trainer:
         for name, opt in self.optimizers.items():
             set_lr(opt, factor if self.method.scheduled(name) else 1.0)
         with self.precision.autocast():
-            stats = self.method.training_step(self._batch, Progress(it, self.loaders.iters_per_epoch), self._update)
+            progress = Progress(it, self.loaders.iters_per_epoch, self.total_iters)
+            stats = self.method.training_step(self._batch, progress, self._update)
         self.dist.average_buffers(self.models.values())
         self.losses.add(stats)  # on the device until a log step: one host sync per log_every iterations
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gta.contract import Batch, Method, PerturbedDecoding, Progress, Update, require
+from gta.methods.ohem import labeled_cross_entropy
 
 #: the weights of the strong views' terms and of the feature perturbation's in L, and L's divisor
 STRONG_WEIGHT, FP_WEIGHT, DIVISOR = 0.25, 0.5, 2.0
@@ -77,23 +78,6 @@ def unlabeled_loss(logits: Tensor, targets: Targets, conf_thresh: float) -> Tens
     return torch.where(kept, ce, 0.0).sum() / targets.valid.sum().clamp_min(1)
 
 
-def ohem_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, thresh: float, min_kept: int) -> Tensor:
-    """The cross-entropy of the hard labeled pixels only (online hard example mining): those whose predicted
-    probability of their class is at most ``thresh``, or, where fewer than ``min_kept`` are, the
-    ``min_kept`` least probable. With fewer than ``min_kept`` labeled pixels in the batch, all count."""
-    valid = target != ignore_index
-    if min_kept > int(valid.sum()):
-        return F.cross_entropy(logits, target, ignore_index=ignore_index)
-    probs = logits.detach().float().softmax(dim=1)
-    p_true = probs.gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
-    p_true = torch.where(valid, p_true, 1.0).flatten()
-    threshold = torch.as_tensor(thresh, device=logits.device)
-    if min_kept > 0:
-        threshold = torch.maximum(threshold, p_true.kthvalue(min(min_kept, p_true.numel())).values)
-    hard = (p_true <= threshold).view_as(target) & valid
-    return F.cross_entropy(logits, torch.where(hard, target, ignore_index), ignore_index=ignore_index)
-
-
 class UniMatch(Method):
     """One network, trained on labels and on its own pseudo-labels of the weak view (module docstring).
     Its only network is named ``student``, as SupOnly's is.
@@ -141,11 +125,6 @@ class UniMatch(Method):
         confidence, label = self.student(images).float().softmax(dim=1).max(dim=1)
         return Targets(label, confidence, padding != self.ignore_index)
 
-    def labeled_criterion(self, logits: Tensor, mask: Tensor) -> Tensor:
-        if self.ohem_thresh is None:
-            return F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
-        return ohem_cross_entropy(logits, mask, self.ignore_index, self.ohem_thresh, self.ohem_min_kept)
-
     def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:
         mix = batch.second
         # step 1 for the boxes pasted into the strong views: the second batch's weak view
@@ -168,7 +147,7 @@ class UniMatch(Method):
         t1, t2 = (targets.pasted(mix_targets, box) for box in boxes)
 
         # step 3
-        loss_x = self.labeled_criterion(logits_x, batch.mask)
+        loss_x = labeled_cross_entropy(logits_x, batch.mask, self.ignore_index, self.ohem_thresh, self.ohem_min_kept)
         loss_s1 = unlabeled_loss(logits_s1, t1, self.conf_thresh)
         loss_s2 = unlabeled_loss(logits_s2, t2, self.conf_thresh)
         loss_fp = unlabeled_loss(logits_fp, targets, self.conf_thresh)

@@ -207,6 +207,21 @@ class Segmenter(nn.Module):
         clean, perturbed = logits.chunk(2)
         return clean, perturbed
 
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of ``x`` and the decoder's output they are predicted from (``gta.contract.DecoderFeatures``),
+        from one forward; the features are cropped to the part that covers the image, not its padding."""
+        h, w = x.shape[-2:]
+        d = self.size_divisor
+        x = F.pad(x, (0, (-w) % d, 0, (-h) % d))
+        features = self.net.decoder(self.net.encoder(x))
+        logits = self.net.segmentation_head(features)[..., :h, :w]
+        stride = x.shape[-1] // features.shape[-1]
+        return logits, features[..., : -(-h // stride), : -(-w // stride)]
+
+    def feature_channels(self) -> int:
+        """The channels of the decoder's output: those of the mask predictor's first convolution."""
+        return next(m for m in self.net.segmentation_head.modules() if isinstance(m, nn.Conv2d)).in_channels
+
     def new_mask_predictor(self) -> nn.Module:
         """A freshly initialised second g for this network's f (Unbiased ST's pseudo head)."""
         if self.mask_predictor_prefixes != ("segmentation_head",):
