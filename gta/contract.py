@@ -162,7 +162,7 @@ class Method(nn.Module, ABC):
     """Base class: the networks are submodules, so ``state_dict`` holds every model of the method.
 
     A method must implement ``trained_models``, ``evaluated_models`` and ``training_step``, and may set
-    ``reported``, ``uses_unlabeled``, ``scheduled`` and ``inspect``. Its constructor takes ``model``, the
+    ``reported``, ``uses_unlabeled``, ``scheduled``, ``scheduled_span`` and ``inspect``. Its constructor takes ``model``, the
     factory of its network (:class:`SegmentationNetwork`), and its own options as keyword arguments: the
     config schema is read from that signature (gta/schema.py).
     """
@@ -195,6 +195,12 @@ class Method(nn.Module, ABC):
     def scheduled(self, name: str) -> bool:
         """Whether the learning-rate schedule applies to model ``name``'s optimiser."""
         return True
+
+    def scheduled_span(self, name: str, total: int) -> tuple[int, int]:
+        """The iterations [start, stop) of a run of ``total`` over which model ``name``'s learning rate runs
+        the schedule from its beginning to its end: the whole run, unless the method trains a fresh model in
+        each stage of the run (ST++)."""
+        return 0, total
 
     @abstractmethod
     def training_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:

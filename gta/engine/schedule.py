@@ -6,8 +6,8 @@ from torch.optim import Optimizer
 
 
 def poly_factor(iteration: int, total: int, power: float) -> float:
-    """(1 - t/T) ** power: 1 at the first iteration, 0 after the last."""
-    return (1.0 - min(iteration, total) / total) ** power
+    """(1 - t/T) ** power: 1 at the first iteration (and before it), 0 after the last."""
+    return (1.0 - min(max(iteration, 0), total) / total) ** power
 
 
 def set_lr(optimizer: Optimizer, factor: float) -> None:

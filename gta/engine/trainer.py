@@ -131,8 +131,9 @@ class Trainer:
 
     def _train_step(self, it: int) -> None:
         self.iteration = it + 1
-        factor = poly_factor(it, self.total_iters, self.config.poly_power)
         for name, opt in self.optimizers.items():
+            start, stop = self.method.scheduled_span(name, self.total_iters)
+            factor = poly_factor(it - start, stop - start, self.config.poly_power)
             set_lr(opt, factor if self.method.scheduled(name) else 1.0)
         with self.precision.autocast():
             progress = Progress(it, self.loaders.iters_per_epoch, self.total_iters)
@@ -203,7 +204,7 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, step: int) -> EvalResult:
         self.guard.check(step, self.saved)
-        self.reported = self.method.reported_at(Progress(step, self.loaders.iters_per_epoch))
+        self.reported = self.method.reported_at(Progress(step, self.loaders.iters_per_epoch, self.total_iters))
         models = self.validation.protocol.select(self.method.evaluated_models(), self.reported)
         with self.precision.autocast():
             result = self.validation.run(models, step, self.device)
