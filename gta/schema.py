@@ -30,7 +30,7 @@ from gta.data import Cityscapes, PascalVOC, PascalVOCAug, SegmentationFolder, Se
 from gta.data.cityscapes import CITYSCAPES_CLASSES
 from gta.data.voc import VOC_CLASSES
 from gta.engine.evaluate import EvalProtocol
-from gta.methods import CPS, U2PL, GTASeg, MeanTeacher, SupOnly, UnbiasedST, UniMatch
+from gta.methods import CPS, U2PL, GTASeg, MeanTeacher, STPlusPlus, SupOnly, UnbiasedST, UniMatch
 from gta.methods.base import SelfTraining
 from gta.methods.ema import EMA
 from gta.methods.reference import GTASegReference, Reference
@@ -98,6 +98,7 @@ GTAConfig = schema(GTASeg, SelfTrainingConfig, zen_exclude=("model", "options"))
 GTAReferenceConfig = schema(GTASegReference, GTAConfig, zen_exclude=("args", "kwargs"), reference=schema(Reference))
 UniMatchConfig = schema(UniMatch, zen_exclude=("model",), ignore_index=METHOD_LINKS["ignore_index"])
 CPSConfig = schema(CPS, zen_exclude=("model",), ignore_index=METHOD_LINKS["ignore_index"])
+STPlusPlusConfig = schema(STPlusPlus, zen_exclude=("model",), ignore_index=METHOD_LINKS["ignore_index"])
 U2PLConfig = schema(U2PL, zen_exclude=("model",), ema=METHOD_LINKS["ema"], ignore_index=METHOD_LINKS["ignore_index"])
 
 # --- the single-shaped parts of a run ---------------------------------------------------------------------
@@ -143,6 +144,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "method": {"suponly": SupOnlyConfig, "mean_teacher": MeanTeacherConfig, "gta": GTAConfig,
                "gta_reference": GTAReferenceConfig, "unbiased_st": UnbiasedSTConfig,
                "self_training": SelfTrainingConfig, "unimatch": UniMatchConfig, "cps": CPSConfig,
+               "st_pp": STPlusPlusConfig,
                "u2pl": U2PLConfig},
     "reweight": {"uniform": schema(Uniform), "confidence": schema(Confidence)},
     "optimizer": {"sgd": SGDConfig},
