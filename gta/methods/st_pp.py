@@ -9,9 +9,10 @@ network from the model factory with its own learning-rate schedule (``scheduled_
 2. for each unlabeled image, its weak view is predicted (in eval mode) by the three checkpoints; its
    stability s is the mean over the first two of the mIoU between their prediction and the final one's
    (each class present in either counting, over the pixels that are real image). The most stable half
-   (``select``) are pseudo-labeled by the teacher, and the student learns, in one forward, from the labeled
-   images and the selected images' strong view (colour jitter, grayscale, blur: ``Batch.views``; CutOut
-   here: a box filled with the mean, its pixels unlabeled);
+   (``select``) of each unlabeled batch, as it arrives (the released code ranks the whole set at once,
+   which the contract's one batch at a time does not allow), are pseudo-labeled by the teacher, and the
+   student learns, in one forward, from the labeled images and the selected images' strong view (colour
+   jitter, grayscale, blur: ``Batch.views``; CutOut here: a box filled with the mean, its pixels unlabeled);
 3. the final network learns in the same way from every unlabeled image: the stable ones keep the teacher's
    pseudo-labels, the others take the student's.
 
@@ -129,7 +130,7 @@ class STPlusPlus(Method):
         return {f"{name}/loss": loss.detach(), "stable": stable.float().mean()}
 
     def supervised_step(self, batch: Batch, progress: Progress, update: Update) -> dict[str, Tensor]:
-        """Stage 1; the teacher's weights are kept at 1/3 and 2/3 of it, before the step that follows."""
+        """Stage 1; ``checkpoint<k>`` becomes the teacher after k/3 of the stage's updates (k = 1, 2)."""
         length = stage_bounds(progress.total)[0]
         for k, checkpoint in enumerate((self.checkpoint1, self.checkpoint2), start=1):
             if progress.iteration == k * length // 3:
