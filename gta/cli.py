@@ -152,8 +152,8 @@ def usage(prog: str) -> str:
 
 
 #: the config groups a person chooses from; the others are chosen for them (method_recipe by the method and the
-#: dataset) or kept for old command lines (variant)
-HIDDEN_GROUPS = ("method_recipe", "variant")
+#: dataset)
+HIDDEN_GROUPS = ("method_recipe",)
 
 
 def group_options(group: Path) -> list[str]:
