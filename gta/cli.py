@@ -18,8 +18,9 @@ import hydra
 from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig
 
-from gta.config import CONF_DIR, register_configs
+from gta.config import CONF_DIR
 from gta.errors import UserError
+from gta.schema import register_configs
 
 register_configs()
 
