@@ -25,7 +25,7 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 @dataclass
 class MLflowConfig:
     _target_: str = "gta.tracking.mlflow.MLflowLogger"
-    #: null: $GTA_TRACKING_URI, else mlflow.db in the directory the command runs in (see README)
+    #: null: $GTA_TRACKING_URI, else mlflow.db in the directory the command runs in (see docs/usage.md)
     tracking_uri: str | None = None
     experiment_name: str = EXPERIMENT_NAME
     #: null: named after the method, dataset, split and seed
