@@ -25,8 +25,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from gta.config import CONF_DIR, register_configs
+from gta.config import CONF_DIR
 from gta.errors import UserError
+from gta.schema import register_configs
 
 register_configs()
 
