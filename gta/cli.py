@@ -25,8 +25,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from gta.config import CONF_DIR, register_configs
+from gta.config import CONF_DIR
 from gta.errors import UserError
+from gta.schema import register_configs
 
 register_configs()
 
@@ -152,8 +153,8 @@ def usage(prog: str) -> str:
 
 
 #: the config groups a person chooses from; the others are chosen for them (method_recipe by the method and the
-#: dataset) or kept for old command lines (variant)
-HIDDEN_GROUPS = ("method_recipe", "variant")
+#: dataset)
+HIDDEN_GROUPS = ("method_recipe",)
 
 
 def group_options(group: Path) -> list[str]:

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from gta.data import eval_transform
 from gta.engine.runtime import resolve_device
+from gta.engine.visualize import colorize, overlay
 from gta.errors import ConfigError, DataError, MissingPathError
 from gta.saved import load_model
-from gta.visualize import colorize, overlay
 
 
 def find_inputs(path: Path, recursive: bool, output: Path) -> dict[Path, Path]:

@@ -8,12 +8,15 @@ class fixes for itself (a dataset's number of classes). Every group option's YAM
 these (``defaults: [schema_<name>]``), so an unknown key or a value of the wrong type fails when the config
 is composed, naming the key.
 
-This module imports every class it describes (torch, the networks, the methods); ``gta.config`` imports
-it only when the schemas are registered, so the engine can read its own typed configs without them.
+The typed configs come from the layers that own them (``trainer``: :mod:`gta.engine.config`, ``data``:
+:mod:`gta.data.config`, the commands': :mod:`gta.config`). This module imports every class it describes
+(torch, the networks, the methods) and registers the tree for Hydra (``register_configs``); only the
+commands import it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Sequence
@@ -21,14 +24,17 @@ from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Union, get_args, get_origin
 
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra_zen import BuildsFn
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-from gta.config import DataConfig, ReportConfig, TrainerConfig
+from gta.config import EvalCommandConfig, ExportCommandConfig, MLflowConfig, PredictCommandConfig, ReportConfig
 from gta.contract import IMAGENET_MEAN, IMAGENET_STD
 from gta.data import Cityscapes, PascalVOC, PascalVOCAug, SegmentationFolder, SegmentationSource, SyntheticShapes
 from gta.data.cityscapes import CITYSCAPES_CLASSES
+from gta.data.config import DataConfig
 from gta.data.voc import VOC_CLASSES
+from gta.engine.config import TrainerConfig
 from gta.engine.evaluate import EvalProtocol
 from gta.methods import CPS, U2PL, GTASeg, MeanTeacher, STPlusPlus, SupOnly, UnbiasedST, UniMatch
 from gta.methods.base import SelfTraining
@@ -150,3 +156,21 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "optimizer": {"sgd": SGDConfig},
     "logger": {"none": schema(NullLogger)},
 }
+
+
+def register_configs() -> None:
+    """Store the schemas where the YAML files' defaults lists find them (``schema_<name>``): every group
+    option names its schema in its own file."""
+    if not OmegaConf.has_resolver("gta_root"):
+        # where data/ lies unless $GTA_DATA says otherwise: the directory the command runs in, as for outputs/
+        OmegaConf.register_new_resolver("gta_root", os.getcwd)
+    if not OmegaConf.has_resolver("gta_max"):  # conf/launcher/slurm.yaml: one task per GPU, at least one
+        OmegaConf.register_new_resolver("gta_max", lambda *values: max(int(v or 0) for v in values))
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalCommandConfig)
+    cs.store(name="predict_schema", node=PredictCommandConfig)
+    cs.store(name="export_schema", node=ExportCommandConfig)
+    for group, schemas in {**SCHEMAS, "logger": {**SCHEMAS["logger"], "mlflow": MLflowConfig}}.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=f"schema_{name}", node=node)

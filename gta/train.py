@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -64,14 +63,6 @@ def output_dir() -> Path:
 def task_overrides() -> list[str]:
     """The command-line overrides of this run (in a sweep: including the grid point's)."""
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def warn_deprecated_variant() -> None:
-    """``variant=NAME`` picked a method before method options could set other groups; it still works."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    if choices.get("variant"):
-        warnings.warn(f"variant={choices['variant']} is deprecated: it is method={choices['method']}, the same run "
-                      "(conf/method/)", FutureWarning, stacklevel=2)
 
 
 def experiment_file() -> str | None:
@@ -213,8 +204,6 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
 def train_job(cfg: DictConfig, run_dir: Path | None, stop: StopSignals) -> float:
     # One of several processes under torchrun or in a multi-task SLURM job: data-parallel training
     dist = distributed.setup(cfg.device)
-    if dist.is_main:
-        warn_deprecated_variant()
     check_targets(cfg)
     check_method(get_class(cfg.method._target_), f"method._target_={cfg.method._target_}")
     run_dir = ensure_writable(Path(run_dir or output_dir()))
@@ -337,7 +326,7 @@ def summary(trainer: Trainer, source, split, logger: Logger) -> str:
 #: --reference): the demo prints it beside its own result
 REFERENCE = Path(__file__).resolve().parent / "data" / "synthetic_compare.json"
 #: overrides that leave that budget as it is: which method or seed, where and how the run is logged
-NEUTRAL = ("seed", "variant", "method", "logger", "trainer.progress", "device", "data.num_workers", "hydra", "model")
+NEUTRAL = ("seed", "method", "logger", "trainer.progress", "device", "data.num_workers", "hydra", "model")
 
 
 def comparison(overrides: list[str], network: str) -> str | None:
@@ -409,7 +398,7 @@ class SweepParentRun(Callback):
             table = OmegaConf.select(config, "report.table")
             experiment = OmegaConf.select(config, "hydra.runtime.choices.experiment")
             tags = sweep_tags(config, overrides, experiment) | {"sweep_dir": str(sweep_dir)}
-            # named after its grid: "table4: variant × seed"
+            # named after its grid: "table4: method × seed"
             name = " × ".join(grid) or "sweep"
             logger = MLflowLogger(
                 uri, experiment_name=config.logger.experiment_name, fallback_dir=sweep_dir,

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from gta.config import TrainerConfig
 from gta.contract import Batch, Method, Progress, Update
 from gta.data import Loaders, SegmentationFolder, build_loaders, select_split
+from gta.engine.config import TrainerConfig
 from gta.engine.distributed import Distributed
 from gta.engine.evaluate import EvalProtocol, Validation
 from gta.engine.runtime import configure_cuda, resolve_device

@@ -15,9 +15,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from gta.config import CONF_DIR, register_configs
+from gta.config import CONF_DIR
 from gta.data import build_val_loader, select_split
 from gta.methods.pseudo_label import keep_confident, predict
+from gta.schema import register_configs
 from gta.train import run
 
 

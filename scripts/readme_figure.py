@@ -18,13 +18,14 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gta.config import CONF_DIR, register_configs
+from gta.config import CONF_DIR
 from gta.data import SegmentationFiles, eval_transform
 from gta.engine.checkpoint import LAST
+from gta.engine.visualize import colorize, denormalize, grid, legend
 from gta.eval import load_model
+from gta.schema import register_configs
 from gta.train import RESULT_FILE
 from gta.train import run as train
-from gta.visualize import colorize, denormalize, grid, legend
 
 #: the checkout this script belongs to
 ROOT = Path(__file__).resolve().parents[1]

@@ -87,8 +87,9 @@ def train_timed(uri: str, run_dir: Path, iters: int, fault: tuple[int, int] | No
     is sent ``at`` iterations in."""
     from hydra import compose, initialize_config_dir
 
-    from gta.config import CONF_DIR, register_configs
+    from gta.config import CONF_DIR
     from gta.engine.progress import ProgressReport
+    from gta.schema import register_configs
     from gta.train import run
 
     ends: list[float] = []

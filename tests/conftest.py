@@ -12,8 +12,9 @@ import pytest
 from helpers import GTA, ROOT, environment, shapes
 from hydra import initialize_config_dir
 
-from gta.config import CONF_DIR, register_configs
+from gta.config import CONF_DIR
 from gta.data import SyntheticShapes
+from gta.schema import register_configs
 
 
 @pytest.fixture(scope="module")

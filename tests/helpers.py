@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tiny import TinySegmenter
 
-from gta.config import TrainerConfig
 from gta.contract import Batch
 from gta.data import SyntheticShapes, build_loaders, select_split
+from gta.engine.config import TrainerConfig
 from gta.engine.evaluate import EvalProtocol, Validation
 from gta.engine.trainer import Trainer
 from gta.methods import GTASeg

@@ -63,7 +63,8 @@ def test_gta_docs_prints_where_the_shipped_documentation_is(monkeypatch, capsys)
     ("method.dorp=0.3", "method.dorp: no such key of method=gta; did you mean drop? Its keys: ema, reweight, "),
     ("trainer.itres=3", "trainer.itres: no such key of trainer; did you mean iters? Its keys: epochs, iters, "),
     ("sead=1", "sead: no such key of the train config; did you mean seed? Its keys: dataset, split, "),
-    ("method=mean_teachr", "method=mean_teachr: no such option of method; did you mean mean_teacher? Its options: gta, "),
+    ("method=mean_teachr",
+     "method=mean_teachr: no such option of method; did you mean mean_teacher? Its options: cps, cutmix_seg, gta, "),
     ("+experiment=tabel4", "experiment=tabel4: no such option of experiment; did you mean table4? Its options: "),
 ])
 def test_an_unknown_key_or_option_ends_with_one_line_naming_the_nearest(override, line, monkeypatch, capsys, tmp_path):

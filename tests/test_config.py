@@ -58,22 +58,22 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
 
 
 def documented_overrides() -> list[str]:
-    """The keys of the README's table "Overrides scripts can rely on" (each `key=` of its first column)."""
-    section = (ROOT / "README.md").read_text().split("### Overrides scripts can rely on\n", 1)[1]
+    """The keys of docs/usage.md's table "Overrides scripts can rely on" (each `key=` of its first column)."""
+    section = (ROOT / "docs" / "usage.md").read_text().split("## Overrides scripts can rely on\n", 1)[1]
     rows = [line for line in section.lstrip("\n").split("\n\n", 1)[0].splitlines() if line.startswith("| `")]
     return [key for row in rows for key in re.findall(r"`([\w.+]+)=`", row.split("|")[1])]
 
 
-def test_every_override_the_readme_promises_exists():
+def test_every_override_the_docs_promise_exists():
     """Each key of the table is a config group (``dataset=``, ``+experiment=``) or a key of the composed
     config, Hydra's own included (``hydra.run.dir=``)."""
     keys = documented_overrides()
-    assert "trainer.iters" in keys and "hydra.run.dir" in keys, f"the README's table was not found: {keys}"
+    assert "trainer.iters" in keys and "hydra.run.dir" in keys, f"the table of docs/usage.md was not found: {keys}"
     cfg = compose("train", return_hydra_config=True)
     absent = object()
     missing = [key for key in keys if not (Path(CONF_DIR) / key.removeprefix("+")).is_dir()
                and OmegaConf.select(cfg, key, default=absent) is absent]
-    assert not missing, f"overrides the README promises that the config does not have: {missing}"
+    assert not missing, f"overrides docs/usage.md promises that the config does not have: {missing}"
 
 
 def test_the_normalisation_is_the_models_unless_the_dataset_sets_its_own():

@@ -20,10 +20,10 @@ from tiny import TinySegmenter
 from torch import nn
 
 import gta.methods.cps as cps
-from gta.config import TrainerConfig
 from gta.contract import Batch, Progress, Unlabeled
 from gta.data import build_loaders, select_split
 from gta.engine.checkpoint import load_checkpoint
+from gta.engine.config import TrainerConfig
 from gta.engine.evaluate import EvalProtocol, Validation
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer

@@ -13,10 +13,10 @@ from helpers import ITERS, SPLIT, Recorder, assert_same_state, configured_method
 from hydra import compose
 from tiny import TinySegmenter
 
-from gta.config import TrainerConfig
 from gta.contract import Progress
 from gta.data import build_loaders, select_split
 from gta.engine.checkpoint import load_checkpoint
+from gta.engine.config import TrainerConfig
 from gta.engine.evaluate import EvalProtocol, Validation
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer

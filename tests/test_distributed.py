@@ -25,9 +25,9 @@ from tiny import TinySegmenter
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from gta.config import TrainerConfig
 from gta.data import Loaders, build_val_loader
 from gta.engine.checkpoint import load_checkpoint
+from gta.engine.config import TrainerConfig
 from gta.engine.distributed import DesyncError, Distributed, _place
 from gta.engine.evaluate import EvalProtocol, Validation, confusion_matrices
 from gta.engine.guard import NonFiniteLossError

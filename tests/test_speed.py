@@ -21,7 +21,7 @@ from gta.engine.trainer import Trainer
 
 
 def test_bf16_training_follows_fp32(source, tmp_path):
-    """The tolerance the README states: every logged loss within 1 % of fp32, every final weight tensor
+    """The tolerance docs/speed.md states: every logged loss within 1 % of fp32, every final weight tensor
     within 5 % of its largest magnitude (measured: 0.2 % and 1.2 %)."""
     fp32 = make_trainer(source, tmp_path / "fp32")
     fp32.fit()

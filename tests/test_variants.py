@@ -9,13 +9,11 @@ import pytest
 import torch
 from helpers import IPE, configured_method, make_batch, sgd_update, snapshot, tiny_method
 from hydra import compose
-from hydra.core.hydra_config import HydraConfig
 
 from gta.config import CONF_DIR
 from gta.contract import Progress
 from gta.methods import GTASeg, MeanTeacher, UnbiasedST
 from gta.models import Segmenter
-from gta.train import warn_deprecated_variant
 
 AFTER_WARMUP = Progress(IPE, IPE)
 
@@ -188,7 +186,6 @@ def test_variant_options_compose(hydra_conf, overrides, check):
 
 
 METHOD_OPTIONS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
-VARIANTS = sorted(p.stem for p in (Path(CONF_DIR) / "variant").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", METHOD_OPTIONS)
@@ -198,22 +195,6 @@ def test_every_method_option_builds_its_method(hydra_conf, name):
     assert cfg.hydra.runtime.choices.method == name  # what a table's row key reads
     method = build([f"method={name}"])
     assert method.reported in method.evaluated_models()
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_a_deprecated_variant_is_its_method_and_says_so(hydra_conf, variant):
-    """``variant=NAME`` (scripts may have it) composes ``method=NAME``, the same run, and the run warns, naming
-    the replacement."""
-    replacement = "gta_released" if variant == "gta_reference" else variant
-    old = compose("train", overrides=[f"variant={variant}"], return_hydra_config=True)
-    new = compose("train", overrides=[f"method={replacement}"])
-    assert {k: v for k, v in old.items() if k != "hydra"} == new
-    HydraConfig.instance().set_config(old)  # what a run started by Hydra sees
-    try:
-        with pytest.warns(FutureWarning, match=f"variant={variant} is deprecated: it is method={replacement}"):
-            warn_deprecated_variant()
-    finally:
-        HydraConfig.instance().cfg = None  # the other tests compose without a Hydra run
 
 
 def test_the_default_config_trains_as_the_paper_does(hydra_conf):

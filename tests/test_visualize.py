@@ -1,4 +1,4 @@
-"""gta.visualize: coloured masks, overlays, grids and charts."""
+"""gta.engine.visualize: coloured masks, overlays, grids and charts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from gta.data import voc_palette
-from gta.visualize import (
+from gta.engine.visualize import (
     IGNORE_COLOR,
     binary_map,
     colorize,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gta.config import TrainerConfig
 from gta.contract import Method
+from gta.engine.config import TrainerConfig
 from gta.engine.distributed import Distributed, to_sync_batchnorm
 
 

@@ -16,8 +16,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from gta import visualize
 from gta.contract import Batch, Method
+from gta.engine import visualize
 from gta.engine.evaluate import EvalProtocol, predict_logits
 from gta.errors import BadSampleError
 from gta.tracking import Logger

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from gta.config import TrainerConfig
 from gta.contract import Batch, Method, Progress, Unlabeled
 from gta.engine import checkpoint
 from gta.engine.bad_sample_log import BadSampleLog
 from gta.engine.checkpoint import Checkpointer, CheckpointError
+from gta.engine.config import TrainerConfig
 from gta.engine.distributed import Distributed
 from gta.engine.evaluate import EvalResult, Validation
 from gta.engine.guard import NonFiniteGuard
