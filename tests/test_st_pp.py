@@ -19,11 +19,12 @@ from helpers import SPLIT, Recorder, assert_same_state, tiny
 from tiny import TinySegmenter
 from torch import nn
 
-from gta.config import TrainerConfig, ViewConfig
 from gta.contract import Batch, Progress
 from gta.data import build_loaders, select_split
+from gta.data.config import ViewConfig
 from gta.data.transforms import photometric_view
 from gta.engine.checkpoint import load_checkpoint
+from gta.engine.config import TrainerConfig
 from gta.engine.evaluate import EvalProtocol, Validation
 from gta.engine.signals import TrainingInterrupted
 from gta.engine.trainer import Trainer
