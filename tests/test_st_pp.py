@@ -15,7 +15,7 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import SPLIT, Recorder, assert_same_state, tiny
+from helpers import SPLIT, Recorder, assert_same_state, make_batch, snapshot, tiny
 from tiny import TinySegmenter
 from torch import nn
 
@@ -172,6 +172,25 @@ def test_cutout_blanks_a_box_of_the_image_and_unlabels_it():
     assert box.flatten(1).any(1).all()  # every image has its box
     cut, image = cut.permute(1, 0, 2, 3), image.permute(1, 0, 2, 3)  # channels first: a pixel mask picks all three
     assert (cut[:, box] == 0).all() and torch.equal(cut[:, ~box], image[:, ~box])
+
+
+def test_inspect_shows_the_teachers_pseudo_label_and_the_stable_images_and_changes_nothing():
+    torch.manual_seed(0)
+    m = STPlusPlus(partial(TinySegmenter, 3))
+    m.checkpoint1.head.weight.data.neg_()  # a checkpoint that disagrees with the teacher
+    b = make_batch()
+    b.unlabeled_mask[:, :, 6:] = 255  # two columns of crop padding
+    before = snapshot(m.state_dict().values())
+    rng = torch.get_rng_state()
+    maps = m.inspect(b)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(x, y) for x, y in zip(before, snapshot(m.state_dict().values()), strict=True))
+    label, stable = maps["pseudo-label"], maps["stable"]
+    padding = b.unlabeled_mask == 255
+    assert (label[padding] == 255).all() and not stable[padding].any()
+    m.teacher.eval()
+    assert torch.equal(label[~padding], m.teacher(b.unlabeled).argmax(dim=1)[~padding])
+    assert stable.flatten(1).any(1).tolist().count(True) == 1  # one image of two: the most stable half
 
 
 # --- through the engine: exact resume, each stage's schedule -------------------------------------------------

@@ -154,3 +154,9 @@ class STPlusPlus(Method):
             self.student.eval()
             label = torch.where(stable.view(-1, 1, 1), label, self.student(batch.unlabeled).argmax(dim=1))
         return torch.where(valid, label, self.ignore_index), stable
+
+    @torch.no_grad()
+    def inspect(self, batch: Batch) -> dict[str, Tensor]:
+        """The teacher's pseudo-label of the weak view and the real pixels of the images selected as stable."""
+        label, stable = self.pseudo_labels(batch, with_student=False)
+        return {"pseudo-label": label, "stable": (label != self.ignore_index) & stable.view(-1, 1, 1)}
