@@ -40,7 +40,9 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(lab, tmp_path, start_sw
              timeout=240)
     gates.open(0)
     finish(process, sweep_dir, timeout=900)
-    starts = [r["State"] for r in accounting(job, requeues=True)]
+    # the sweep reads the job's result as soon as it is written; its process ends in SLURM a moment later
+    starts = wait_for(lambda: (states := [r["State"] for r in accounting(job, requeues=True)])[-1] != "RUNNING"
+                      and states, "the job's end in sacct", timeout=60)
     assert starts[-1] == "COMPLETED" and set(starts[:-1]) == {"REQUEUED"} and len(starts) >= 2, starts
 
     log = log_of(sweep_dir, job).read_text()
