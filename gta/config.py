@@ -38,7 +38,8 @@ class MLflowConfig:
     parent_run_id: str | None = None
     #: nest the run under the run whose id this JSON file holds (null: a --multirun's mlflow_parent.json)
     parent_file: str | None = None
-    #: seconds between the sender thread's attempts while the store does not answer (training never waits)
+    #: seconds before the sender thread tries again after a failure, doubled at each failure in a row up to a
+    #: minute (training never waits)
     retry_interval: float = 5.0
     #: the most seconds one request to a tracking server may take
     request_timeout: float = 10.0

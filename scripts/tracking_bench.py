@@ -143,7 +143,7 @@ def one_logger(uri: str, experiment: str, index: int, steps: int, metrics: int, 
 
     from gta.tracking.mlflow import MLflowLogger
 
-    warnings.simplefilter("ignore")  # a refused request is retried; what counts is what arrives
+    warnings.simplefilter("once")  # a refused request is retried; what counts is what arrives
     logger = MLflowLogger(uri, experiment_name=experiment, run_name=f"logger{index}", fallback_dir=out,
                           start_timeout=60, retry_interval=1)
     started = time.time()

@@ -205,6 +205,26 @@ def test_failed_sends_are_retried(store, client, tmp_path, monkeypatch):
     assert not (tmp_path / UNSENT_FILE).exists()
 
 
+def test_a_store_that_keeps_failing_is_tried_less_and_less_often(store, tmp_path, monkeypatch):
+    """Each failure in a row doubles the wait before the next attempt (up to a minute, with some jitter), so that an
+    overloaded server is not sent the same batch again and again."""
+    from gta.tracking import mlflow as tracking
+
+    logger = MLflowLogger(store, experiment_name="backoff", fallback_dir=tmp_path, retry_interval=2)
+    monkeypatch.setattr(tracking.random, "uniform", lambda low, high: 1.0)
+    monkeypatch.setattr(MlflowClient, "log_batch", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("busy")))
+    waits = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(7):
+            logger.log_metrics({"loss": 1.0}, step=step)
+            assert not logger.flush()
+            waits.append(logger._next_attempt - logger._failed_at)
+        monkeypatch.undo()
+        logger.close()
+    assert waits == [2, 4, 8, 16, 32, 60, 60]
+
+
 def test_unsent_metrics_go_to_the_fallback_file(store, client, tmp_path, monkeypatch):
     fallback = tmp_path / "run"
     logger = MLflowLogger(store, experiment_name="flaky", fallback_dir=fallback)

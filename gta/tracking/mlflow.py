@@ -4,7 +4,7 @@ The training thread never waits on the tracking store. Each logging call appends
 tags, files, pictures, the run's end) to one ordered buffer, and the logger's sender thread sends that buffer
 through an explicit :class:`mlflow.MlflowClient` (no process-global "active run": several loggers coexist in one
 process). A request to an http(s) server is tried once and waits at most ``request_timeout`` seconds; the sender
-retries on its own every ``retry_interval`` seconds and warns once per outage.
+retries on its own, waiting longer after each failure in a row, and warns once per outage.
 
 The run itself is created (or, on resume, reopened) by the sender too, once the store answers: a job that starts
 while its server is away trains all the same. What is still unsent when the run ends, its creation included, is
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
 import threading
 import time
@@ -50,6 +51,8 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 #: the tag that names a run before the store has given it an id: a creation that timed out but reached the store is
 #: found by it rather than made twice
 RUN_KEY_TAG = "gta.run_key"
+#: the longest wait between two attempts while the store keeps failing (each failure doubles the wait)
+MAX_RETRY_INTERVAL = 60.0
 #: MLflow's own settings for its http requests, which it otherwise retries with backoff for minutes
 REQUEST_TIMEOUT, REQUEST_RETRIES = "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
@@ -279,8 +282,9 @@ class MLflowLogger(Logger):
     ``parent_run_id``: nest the run under this one; ``parent_file``: under the run whose id a JSON file holds (a
     sweep's ``mlflow_parent.json``), read when the run is created and, if it holds none yet, until it does.
     ``publish``: a JSON file into which this run's ids are written once it exists. ``fallback_dir``: where
-    ``unsent_tracking.jsonl`` goes (default: the current directory). ``retry_interval``: seconds between the
-    sender's attempts while the store does not answer. ``request_timeout``: the most one http request may take.
+    ``unsent_tracking.jsonl`` goes (default: the current directory). ``retry_interval``: seconds before the
+    sender tries again after a failed attempt, doubled at each failure in a row up to a minute.
+    ``request_timeout``: the most one http request may take.
     ``start_timeout``: how long the constructor waits for the store to answer before training goes on without it.
     """
 
@@ -330,6 +334,8 @@ class MLflowLogger(Logger):
         self._attempts = 0
         self._error: BaseException | None = None  # of the latest attempt
         self._warned = False  # once per outage
+        self._failures = 0  # attempts in a row that stored nothing
+        self._failed_at = 0.0
         self._closing = self._closed = False
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._thread.start()
@@ -433,7 +439,7 @@ class MLflowLogger(Logger):
                     wait = self._next_attempt - time.monotonic() if self._records or not self._run.opened else None
                     self._changed.wait(None if wait is None else max(wait, 0.0))
                 closing = self._closing
-                if closing and self._error is not None and time.monotonic() < self._next_attempt:
+                if closing and self._error is not None and time.monotonic() < self._failed_at + self.retry_interval:
                     return  # an outage at the end: close() keeps the rest in the fallback file
                 batch = list(self._records)
             taken = len(batch)
@@ -443,14 +449,19 @@ class MLflowLogger(Logger):
                 self._attempts += 1
                 self._error = error
                 if error is not None:
-                    self._next_attempt = time.monotonic() + self.retry_interval
+                    # a store that stores nothing is tried less and less often, so that an overloaded server (every
+                    # request timed out, then retried) gets to finish what it has; jitter spreads many jobs' retries
+                    self._failures = 1 if taken > len(batch) else self._failures + 1
+                    wait = min(self.retry_interval * 2 ** (self._failures - 1), MAX_RETRY_INTERVAL)
+                    self._failed_at = time.monotonic()
+                    self._next_attempt = self._failed_at + wait * random.uniform(0.8, 1.2)
                     # the first attempt's failure is the constructor's to tell
                     if not self._warned and (self._attempts > 1 or isinstance(error, ConfigError)):
                         self._warn(f"could not log {len(self._records)} records", error,
                                    "; keeping them in memory and retrying")
                     self._warned = True
-                elif self._warned:
-                    self._warned = False
+                else:
+                    self._failures, self._warned = 0, False
                 self._changed.notify_all()
                 if closing and (error is not None or not self._records):
                     return
