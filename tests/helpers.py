@@ -225,6 +225,43 @@ def make_trainer(
     )
 
 
+def contract_trainer(source: SyntheticShapes, loaders, method, run_dir: Path, logger: Recorder | None = None,
+                     iters: int = ITERS) -> Trainer:
+    """``method`` (of the tiny network, 6 classes) on ``loaders`` for ``iters`` iterations, logging every step."""
+    config = TrainerConfig(iters=iters, epochs=1, log_every=1, eval_every=0, checkpoint_every=0, decoder_lr_mult=1.0,
+                           check_sync_every=0)
+    validation = Validation(loaders.val, EvalProtocol(), 6, 255, list(source.class_names))
+    return Trainer(config, method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), validation, run_dir,
+                   logger=logger or Recorder())
+
+
+def stopped_and_resumed(make, tmp_path: Path, stop: int) -> tuple[Trainer, Trainer]:
+    """``make(run_dir, logger=None)``'s run left alone, and stopped by SIGUSR1 after iteration ``stop`` then resumed
+    from its ``last.pt``: (reference, resumed), once their models, optimisers and the values logged after the stop
+    are checked equal."""
+    from gta.engine.checkpoint import load_checkpoint
+    from gta.engine.signals import TrainingInterrupted
+
+    reference = make(tmp_path / "reference")
+    reference.fit()
+    stopped = make(tmp_path / "run", Recorder(stop, signal.SIGUSR1))
+    try:
+        stopped.fit()
+    except TrainingInterrupted:
+        pass
+    else:
+        raise AssertionError(f"the run was not stopped after iteration {stop}")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    resumed = make(tmp_path / "run")
+    resumed.resume(load_checkpoint(last), last)
+    resumed.fit()
+    end = reference.total_iters
+    for key in ("models", "optimizers"):
+        assert_same_state(resumed.state_dict(end)[key], reference.state_dict(end)[key])
+    assert resumed.logger.metrics == {step: m for step, m in reference.logger.metrics.items() if step > stop}
+    return reference, resumed
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     """Two (nested) state dicts hold the same keys and equal values, tensors bit for bit."""
     assert a.keys() == b.keys()

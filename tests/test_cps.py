@@ -10,23 +10,25 @@ pseudo-label that supervises its own network, or comes from the wrong image, cha
 from __future__ import annotations
 
 import math
-import signal
 from functools import partial
 
 import pytest
 import torch
-from helpers import ITERS, SPLIT, Recorder, assert_same_state, make_batch, snapshot, tiny
+from helpers import (
+    ITERS,
+    SPLIT,
+    contract_trainer,
+    make_batch,
+    snapshot,
+    stopped_and_resumed,
+    tiny,
+)
 from tiny import TinySegmenter
 from torch import nn
 
 import gta.methods.cps as cps
 from gta.contract import Batch, Progress, Unlabeled
 from gta.data import build_loaders, select_split
-from gta.engine.checkpoint import load_checkpoint
-from gta.engine.config import TrainerConfig
-from gta.engine.evaluate import EvalProtocol, Validation
-from gta.engine.signals import TrainingInterrupted
-from gta.engine.trainer import Trainer
 from gta.methods import CPS
 from gta.methods.cps import box_masks
 
@@ -193,28 +195,13 @@ def trainer(source, run_dir, logger=None):
                             second_unlabeled=True)
     torch.manual_seed(0)
     method = CPS(partial(TinySegmenter, 6), 255, cps_weight=1.5)
-    config = TrainerConfig(iters=ITERS, epochs=1, log_every=1, eval_every=0, checkpoint_every=0,
-                           decoder_lr_mult=1.0, check_sync_every=0)
-    validation = Validation(loaders.val, EvalProtocol(), 6, 255, list(source.class_names))
-    return Trainer(config, method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), validation, run_dir,
-                   logger=logger or Recorder())
+    return contract_trainer(source, loaders, method, run_dir, logger)
 
 
 def test_a_stopped_run_resumes_exactly(source, tmp_path):
     """The second stream and the boxes are drawn again exactly after a resume; both networks and both
     optimisers end as uninterrupted."""
-    reference = trainer(source, tmp_path / "reference")
-    reference.fit()
-    stopped = trainer(source, tmp_path / "run", logger=Recorder(3, signal.SIGUSR1))
-    with pytest.raises(TrainingInterrupted):
-        stopped.fit()
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
-    resumed = trainer(source, tmp_path / "run")
-    resumed.resume(load_checkpoint(last), last)
-    resumed.fit()
-    for key in ("models", "optimizers"):
-        assert_same_state(resumed.state_dict(ITERS)[key], reference.state_dict(ITERS)[key])
-    assert resumed.logger.metrics == {step: m for step, m in reference.logger.metrics.items() if step > 3}
+    _, resumed = stopped_and_resumed(partial(trainer, source), tmp_path, 3)
     assert "train/net2/loss_cps" in resumed.logger.metrics[ITERS]
 
 

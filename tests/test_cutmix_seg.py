@@ -4,22 +4,25 @@ teacher is the EMA of the student at a constant decay from the first iteration; 
 
 from __future__ import annotations
 
-import signal
 from functools import partial
 
 import pytest
 import torch
-from helpers import ITERS, SPLIT, Recorder, assert_same_state, configured_method, make_batch, sgd_update, snapshot
+from helpers import (
+    SPLIT,
+    assert_same_state,
+    configured_method,
+    contract_trainer,
+    make_batch,
+    sgd_update,
+    snapshot,
+    stopped_and_resumed,
+)
 from hydra import compose
 from tiny import TinySegmenter
 
 from gta.contract import Progress
 from gta.data import build_loaders, select_split
-from gta.engine.checkpoint import load_checkpoint
-from gta.engine.config import TrainerConfig
-from gta.engine.evaluate import EvalProtocol, Validation
-from gta.engine.signals import TrainingInterrupted
-from gta.engine.trainer import Trainer
 from gta.methods import MeanTeacher
 from gta.methods.ema import EMA
 from gta.methods.reweight import Uniform
@@ -96,23 +99,8 @@ def test_the_teacher_averages_the_student_at_a_constant_decay_from_the_first_ite
 def trainer(source, run_dir, logger=None):
     loaders = build_loaders(source, select_split(source, SPLIT), 2, 0, seed=0, need_unlabeled=True)
     method = cutmix_seg(6, drop=0.2)
-    config = TrainerConfig(iters=ITERS, epochs=1, log_every=1, eval_every=0, checkpoint_every=0,
-                           decoder_lr_mult=1.0, check_sync_every=0)
-    validation = Validation(loaders.val, EvalProtocol(), 6, 255, list(source.class_names))
-    return Trainer(config, method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), validation, run_dir,
-                   logger=logger or Recorder())
+    return contract_trainer(source, loaders, method, run_dir, logger)
 
 
 def test_a_stopped_run_resumes_exactly(source, tmp_path):
-    reference = trainer(source, tmp_path / "reference")
-    reference.fit()
-    stopped = trainer(source, tmp_path / "run", logger=Recorder(3, signal.SIGUSR1))
-    with pytest.raises(TrainingInterrupted):
-        stopped.fit()
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
-    resumed = trainer(source, tmp_path / "run")
-    resumed.resume(load_checkpoint(last), last)
-    resumed.fit()
-    for key in ("models", "optimizers"):
-        assert_same_state(resumed.state_dict(ITERS)[key], reference.state_dict(ITERS)[key])
-    assert resumed.logger.metrics == {step: m for step, m in reference.logger.metrics.items() if step > 3}
+    stopped_and_resumed(partial(trainer, source), tmp_path, 3)

@@ -9,13 +9,12 @@ with the teacher on some images only are a one-line change."""
 from __future__ import annotations
 
 import math
-import signal
 from dataclasses import asdict
 from functools import partial
 
 import pytest
 import torch
-from helpers import SPLIT, Recorder, assert_same_state, make_batch, snapshot, tiny
+from helpers import SPLIT, contract_trainer, make_batch, snapshot, stopped_and_resumed, tiny
 from tiny import TinySegmenter
 from torch import nn
 
@@ -23,11 +22,6 @@ from gta.contract import Batch, Progress
 from gta.data import build_loaders, select_split
 from gta.data.config import ViewConfig
 from gta.data.transforms import photometric_view
-from gta.engine.checkpoint import load_checkpoint
-from gta.engine.config import TrainerConfig
-from gta.engine.evaluate import EvalProtocol, Validation
-from gta.engine.signals import TrainingInterrupted
-from gta.engine.trainer import Trainer
 from gta.methods import STPlusPlus
 from gta.methods.st_pp import cutout, most_stable, stability
 
@@ -205,29 +199,14 @@ def trainer(source, run_dir, logger=None):
                             views={"strong1": strong})
     torch.manual_seed(0)
     method = STPlusPlus(partial(TinySegmenter, 6), 255)
-    config = TrainerConfig(iters=ITERS, epochs=1, log_every=1, eval_every=0, checkpoint_every=0,
-                           decoder_lr_mult=1.0, check_sync_every=0)
-    validation = Validation(loaders.val, EvalProtocol(), 6, 255, list(source.class_names))
-    return Trainer(config, method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), validation, run_dir,
-                   logger=logger or Recorder())
+    return contract_trainer(source, loaders, method, run_dir, logger, iters=ITERS)
 
 
 @pytest.mark.parametrize("stop_at", [1, 3])
 def test_a_stopped_run_resumes_exactly(source, tmp_path, stop_at):
     """Stopped inside stage 1 (between the checkpoints) or stage 2, every network, checkpoint and optimiser
     ends as uninterrupted, and the logs after the stop are the same."""
-    reference = trainer(source, tmp_path / "reference")
-    reference.fit()
-    stopped = trainer(source, tmp_path / "run", logger=Recorder(stop_at, signal.SIGUSR1))
-    with pytest.raises(TrainingInterrupted):
-        stopped.fit()
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
-    resumed = trainer(source, tmp_path / "run")
-    resumed.resume(load_checkpoint(last), last)
-    resumed.fit()
-    for key in ("models", "optimizers"):
-        assert_same_state(resumed.state_dict(ITERS)[key], reference.state_dict(ITERS)[key])
-    assert resumed.logger.metrics == {step: m for step, m in reference.logger.metrics.items() if step > stop_at}
+    _, resumed = stopped_and_resumed(partial(trainer, source), tmp_path, stop_at)
     assert resumed.reported == "final"
 
 

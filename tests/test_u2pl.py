@@ -6,21 +6,25 @@ features, exact resume, the command and the recipes."""
 from __future__ import annotations
 
 import math
-import signal
 from functools import partial
 
 import pytest
 import torch
-from helpers import ITERS, SPLIT, Recorder, assert_same_state, free_port, make_batch, sgd_update, snapshot, tiny
+from helpers import (
+    ITERS,
+    SPLIT,
+    contract_trainer,
+    free_port,
+    make_batch,
+    sgd_update,
+    snapshot,
+    stopped_and_resumed,
+    tiny,
+)
 from tiny import TinySegmenter
 
 from gta.contract import Progress
 from gta.data import build_loaders, select_split
-from gta.engine.checkpoint import load_checkpoint
-from gta.engine.config import TrainerConfig
-from gta.engine.evaluate import EvalProtocol, Validation
-from gta.engine.signals import TrainingInterrupted
-from gta.engine.trainer import Trainer
 from gta.errors import ContractError
 from gta.methods import U2PL
 from gta.methods.ema import EMA
@@ -203,27 +207,12 @@ def trainer(source, run_dir, logger=None):
     loaders = build_loaders(source, select_split(source, SPLIT), 2, 0, seed=0, need_unlabeled=True)
     torch.manual_seed(0)
     trained = U2PL(partial(TinySegmenter, 6), EMA(0.9), queries=4, negatives=3)
-    config = TrainerConfig(iters=ITERS, epochs=1, log_every=1, eval_every=0, checkpoint_every=0,
-                           decoder_lr_mult=1.0, check_sync_every=0)
-    validation = Validation(loaders.val, EvalProtocol(), 6, 255, list(source.class_names))
-    return Trainer(config, trained, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), validation, run_dir,
-                   logger=logger or Recorder())
+    return contract_trainer(source, loaders, trained, run_dir, logger)
 
 
 def test_a_stopped_run_resumes_exactly_queues_included(source, tmp_path):
-    reference = trainer(source, tmp_path / "reference")
-    reference.fit()
+    reference, resumed = stopped_and_resumed(partial(trainer, source), tmp_path, 5)
     assert len(reference.method.student.memory.queues) == 6 and len(reference.method.student.memory.queues[1]) > 0
-    stopped = trainer(source, tmp_path / "run", logger=Recorder(5, signal.SIGUSR1))
-    with pytest.raises(TrainingInterrupted):
-        stopped.fit()
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
-    resumed = trainer(source, tmp_path / "run")
-    resumed.resume(load_checkpoint(last), last)
-    resumed.fit()
-    for key in ("models", "optimizers"):
-        assert_same_state(resumed.state_dict(ITERS)[key], reference.state_dict(ITERS)[key])
-    assert resumed.logger.metrics == {step: m for step, m in reference.logger.metrics.items() if step > 5}
     assert "train/student/loss_c" in resumed.logger.metrics[ITERS]
 
 

@@ -8,13 +8,12 @@ term's value can be written down by hand from the pixels a test puts into each v
 from __future__ import annotations
 
 import math
-import signal
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ITERS, SPLIT, Recorder, assert_same_state, shapes, tiny
+from helpers import ITERS, SPLIT, contract_trainer, shapes, stopped_and_resumed, tiny
 from tiny import TinySegmenter
 from torch import nn
 
@@ -23,11 +22,6 @@ from gta.contract import Batch, Progress, Unlabeled
 from gta.data import build_loaders, select_split
 from gta.data.config import ViewConfig
 from gta.data.transforms import photometric_view
-from gta.engine.checkpoint import load_checkpoint
-from gta.engine.config import TrainerConfig
-from gta.engine.evaluate import EvalProtocol, Validation
-from gta.engine.signals import TrainingInterrupted
-from gta.engine.trainer import Trainer
 from gta.errors import ConfigError, ContractError
 from gta.methods import UniMatch
 from gta.methods.ohem import ohem_cross_entropy
@@ -316,24 +310,10 @@ def trainer(source, run_dir, logger=None):
     torch.manual_seed(0)
     method = UniMatch(partial(TinySegmenter, 6), 255, conf_thresh=0.0, cutmix_prob=0.5, fp_dropout=0.5,
                       ohem_thresh=None, ohem_min_kept=0)
-    config = TrainerConfig(iters=ITERS, epochs=1, log_every=1, eval_every=0, checkpoint_every=0,
-                           decoder_lr_mult=1.0, check_sync_every=0)
-    validation = Validation(loaders.val, EvalProtocol(), 6, 255, list(source.class_names))
-    return Trainer(config, method, loaders, partial(torch.optim.SGD, lr=0.05, momentum=0.9), validation, run_dir,
-                   logger=logger or Recorder())
+    return contract_trainer(source, loaders, method, run_dir, logger)
 
 
 def test_a_stopped_run_resumes_exactly_with_views_and_the_second_batch(source, tmp_path):
     """Views, the second stream, CutMix boxes and dropout masks are all drawn again exactly after a resume."""
-    reference = trainer(source, tmp_path / "reference")
-    reference.fit()
-    stopped = trainer(source, tmp_path / "run", logger=Recorder(3, signal.SIGUSR1))
-    with pytest.raises(TrainingInterrupted):
-        stopped.fit()
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
-    resumed = trainer(source, tmp_path / "run")
-    resumed.resume(load_checkpoint(last), last)
-    resumed.fit()
-    assert_same_state(resumed.state_dict(ITERS)["models"], reference.state_dict(ITERS)["models"])
-    assert resumed.logger.metrics == {step: m for step, m in reference.logger.metrics.items() if step > 3}
+    _, resumed = stopped_and_resumed(partial(trainer, source), tmp_path, 3)
     assert "train/student/loss_s1" in resumed.logger.metrics[ITERS]
