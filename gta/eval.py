@@ -1,6 +1,6 @@
 """The ``eval`` command: evaluate a saved model offline with any protocol.
 
-``python -m gta eval checkpoint=outputs/<date>/<time>/teacher.pt eval.mode=sliding`` rebuilds the dataset
+``python -m gta eval checkpoint=RUN_DIR/teacher.pt eval.mode=sliding`` rebuilds the dataset
 and network from the run's resolved ``config.yaml`` and prints mIoU and per-class IoU.
 """
 

@@ -171,3 +171,20 @@ def test_a_run_on_a_crop_larger_than_its_images_warns_in_one_line(warmup_run):
     (line,) = [line for line in warmup_run.stderr.splitlines() if "dataset.crop_size" in line]
     assert line.startswith(f"warning: dataset.crop_size={2 * SIZE} is larger than ")
     assert line.endswith(f"set dataset.crop_size={SIZE}")
+
+
+def test_every_example_of_the_help_is_a_valid_command_line():
+    """What the help shows can be typed: each Hydra command's example parses as overrides and composes."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from gta.cli import COMMANDS
+    from gta.config import CONF_DIR
+    from gta.schema import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for command in COMMANDS.values():
+            if command.config is not None:
+                OverridesParser.create().parse_overrides(command.example.split())
+                compose(command.config, overrides=command.example.split())
