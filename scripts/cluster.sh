@@ -243,7 +243,9 @@ start_mlflow() {
     || die "psycopg2 is missing from $VENV (pip install -e '.[dev]')"
   local t0=$SECONDS
   # its own process group, so that stopping it also stops the web server's worker processes
-  setsid "$VENV/bin/mlflow" server --backend-store-uri "postgresql+psycopg2://postgres@127.0.0.1:$PG_PORT/mlflow" \
+  # MLflow's job runner (about ten huey processes, 1.5 GB, serving GenAI features) is left off: nothing here uses
+  # it, and its processes outlive a killed server
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$VENV/bin/mlflow" server --backend-store-uri "postgresql+psycopg2://postgres@127.0.0.1:$PG_PORT/mlflow" \
     --artifacts-destination "$DIR/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     </dev/null >>"$DIR/log/mlflow.log" 2>&1 &
   echo $! >"$DIR/run/mlflow.pid"

@@ -145,6 +145,10 @@ class Gates:
         (self.folder / str(job)).unlink()
 
 
+#: MLflow's job runner (about ten processes, 1.5 GB) off: no test uses it, and its processes outlive a killed server
+SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class TrackingServer:
     """An MLflow tracking server of one test's own (sqlite behind it), for a test that kills it: no other test
     uses it. Started and restarted on the same port and store."""
@@ -162,7 +166,7 @@ class TrackingServer:
             [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
              "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=SERVER_ENV)
         wait_for(self.healthy, f"the tracking server at {self.uri} (log: {self.folder / 'server.log'})",
                  timeout=timeout, every=0.5)
 
